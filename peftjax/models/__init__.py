@@ -1,0 +1,21 @@
+"""Flax Transformer models with Hugging Face parameter names, and loading/saving their checkpoints."""
+
+from __future__ import annotations
+
+import importlib
+
+from peftjax.models import hf_io
+
+# config.json "model_type" -> the module that implements the family.
+FAMILIES = {
+    "t5": "peftjax.models.t5",
+}
+
+
+def from_pretrained(path_or_hub_id: str, **kwargs):
+  """(model, params) from a Hugging Face folder or hub id; the family comes from config.json's model_type."""
+  folder = hf_io.resolve(path_or_hub_id)
+  model_type = hf_io.read_config(folder).get("model_type")
+  if model_type not in FAMILIES:
+    raise ValueError(f"config.json model_type={model_type!r} is not supported; valid: {sorted(FAMILIES)}.")
+  return importlib.import_module(FAMILIES[model_type]).from_pretrained(folder, **kwargs)
