@@ -57,16 +57,17 @@ def linear_modules(params: Tree) -> list[str]:
 
 
 def _matches(path: str, target: str) -> bool:
+  """HF list semantics on the dotted name ('block.1.q', 'SelfAttention.q') or on our path ('block_1/q')."""
   dotted = hf_name(path)
-  target = target.replace("/", ".")
-  return dotted == target or dotted.endswith("." + target) or path.split("/")[-1] == target
+  return (dotted == target or dotted.endswith("." + target)
+          or path == target or path.endswith("/" + target))
 
 
 def match_targets(params: Tree, targets: str | Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
   """Module paths of the linear layers selected by `targets`, Hugging Face PEFT style.
 
-  `targets` is a list of names (a module whose name equals an entry or ends with '.' + entry,
-  e.g. ("q", "v") or ("SelfAttention.q",)), the string "all-linear" (every linear layer but the
+  `targets` is a list of names (a module whose dotted name equals an entry or ends with '.' + entry,
+  e.g. ("q", "v") or ("SelfAttention.q", "block.1.q"); '/'-joined paths like "block_1/q" work too), the string "all-linear" (every linear layer but the
   output head), or any other string, a regex that must fully match the '/'-joined module path or its
   dotted Hugging Face name.  Raises ValueError when nothing matches.
   """
