@@ -1,7 +1,8 @@
 """peftjax: parameter-efficient fine-tuning for Transformer models in JAX/Flax."""
 
 from peftjax import models, tree
-from peftjax.methods.lora import LoraConfig, apply, init, merge, unmerge
+from peftjax.api import apply, init, merge, unmerge
+from peftjax.methods.lora import LoraConfig
 from peftjax.tree import combine, count, mask, optax_freeze, print_trainable_parameters, split
 
 __all__ = [

@@ -120,16 +120,16 @@ def _interceptor(cfg: LoraConfig, collection: str):
       keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.dropout, x.shape)
       x = jnp.where(keep, x / (1.0 - cfg.dropout), 0.0).astype(x.dtype)
     update = (x @ a.astype(x.dtype)) @ b.astype(x.dtype)
-    return y + (cfg.scaling(a.shape[-1]) * update).astype(y.dtype).reshape(y.shape)
+    return y + (cfg.scaling(a.shape[-1]) * update).astype(y.dtype)
   return intercept
 
 
-def apply(cfg: LoraConfig, apply_fn: Callable[..., Any], collection: str = COLLECTION) -> Callable[..., Any]:
-  """Wraps `model.apply` into fn(params, adapters, *args, **kwargs) with LoRA in activation space.
+def wrap(cfg: LoraConfig, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
+  """`apply_fn` (model.apply's signature) with LoRA added from `variables["lora"]` in activation space.
 
   Dropout on the LoRA input is active when the call gets a 'dropout' rng (rngs={'dropout': key}).
   """
-  def adapted(params, adapters, *args, **kwargs):
-    with nn.intercept_methods(_interceptor(cfg, collection)):
-      return apply_fn({"params": params, collection: adapters}, *args, **kwargs)
+  def adapted(variables, *args, **kwargs):
+    with nn.intercept_methods(_interceptor(cfg, COLLECTION)):
+      return apply_fn(variables, *args, **kwargs)
   return adapted
