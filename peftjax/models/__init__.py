@@ -9,6 +9,12 @@ from peftjax.models import hf_io
 # config.json "model_type" -> the module that implements the family.
 FAMILIES = {
     "t5": "peftjax.models.t5",
+    "gpt2": "peftjax.models.gpt2",
+    "bert": "peftjax.models.bert",
+    "roberta": "peftjax.models.roberta",
+    "llama": "peftjax.models.llama",
+    "mistral": "peftjax.models.llama",
+    "qwen2": "peftjax.models.llama",
 }
 
 

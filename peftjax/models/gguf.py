@@ -1,0 +1,180 @@
+"""Llama-family checkpoints from GGUF files (llama.cpp's format): config, dequantised tensors, tokenizer.
+
+`read(path)` gives a Hugging Face config.json-style dict and {Hugging Face tensor name: float32 array},
+which `peftjax.models.llama.from_pretrained` turns into (model, params); `load_tokenizer(path)` builds
+the transformers tokenizer stored in the file.  Architectures: "llama" (llama.cpp also stores Mistral
+and SmolLM as llama; their sliding window, if any, is not recorded and so not applied) and "qwen2".
+
+Quantised tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantised with gguf-py to float32, so the
+weights equal the quantised model's, not the original bf16 ones.  llama.cpp permutes the rows of Q
+and K in "llama" files for its interleaved RoPE; `read` undoes that for the rotate-half layout.
+Llama 3.1+ files keep the "llama3" RoPE scaling as per-frequency factors (`rope_freqs.weight`);
+`read` recovers Hugging Face's rope_scaling dict from them and checks that it reproduces every factor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import numpy as np
+
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}
+_PERMUTED_QK = ("llama",)
+_GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER_TENSORS = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+def find(path: str) -> str | None:
+  """The GGUF file `path` names: the .gguf file itself, or the one .gguf in a folder without config.json."""
+  if os.path.isfile(path):
+    if not path.endswith(".gguf"):
+      raise ValueError(f"{path!r} is a file but not a .gguf; pass a .gguf file or a Hugging Face checkpoint folder.")
+    return path
+  if not os.path.isdir(path) or os.path.exists(os.path.join(path, "config.json")):
+    return None
+  files = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+  if len(files) > 1:
+    raise ValueError(f"{path!r} holds several GGUF files {files}; pass the path of the one to load.")
+  return os.path.join(path, files[0]) if files else None
+
+
+def hf_name(gguf_name: str) -> str:
+  """llama.cpp tensor name -> Hugging Face name: 'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+  layer = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
+  if layer and layer.group(2) in _LAYER_TENSORS:
+    return f"model.layers.{layer.group(1)}.{_LAYER_TENSORS[layer.group(2)]}.{layer.group(3)}"
+  top = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
+  if top and top.group(1) in _GLOBAL_TENSORS:
+    return f"{_GLOBAL_TENSORS[top.group(1)]}.{top.group(2)}"
+  raise ValueError(f"GGUF tensor {gguf_name!r} has no Llama-family counterpart; known names: "
+                   f"{sorted(_GLOBAL_TENSORS)} and blk.N.{{{', '.join(sorted(_LAYER_TENSORS))}}}.")
+
+
+def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Undoes llama.cpp's Q/K row permutation (interleaved RoPE pairs -> rotate-half halves) per head."""
+  return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def llama_cpp_rope_factors(rope_scaling: dict, rope_theta: float, head_dim: int) -> np.ndarray:
+  """The per-frequency factors llama.cpp's converter writes as rope_freqs for a "llama3" rope_scaling."""
+  inv_freq = 1.0 / rope_theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  wavelen = 2 * math.pi / inv_freq
+  factor, low, high = rope_scaling["factor"], rope_scaling["low_freq_factor"], rope_scaling["high_freq_factor"]
+  old_context = rope_scaling["original_max_position_embeddings"]
+  smooth = (old_context / wavelen - low) / (high - low)
+  factors = np.where(wavelen < old_context / high, 1.0, 1.0 / ((1 - smooth) / factor + smooth))
+  return np.where(wavelen > old_context / low, factor, factors)
+
+
+def llama3_rope_scaling(rope_factors: np.ndarray, rope_theta: float, head_dim: int) -> dict:
+  """Hugging Face's "llama3" rope_scaling from llama.cpp's rope_freqs.
+
+  Factors are 1 for short wavelengths, `factor` for long ones and 1 / ((1 - s) / factor + s) between,
+  with s = (old_context / wavelen - low) / (high - low).  With low_freq_factor = 1 (every Llama 3
+  release) s is linear in 1 / wavelen, which fixes high_freq_factor and original_max_position_embeddings.
+  """
+  factors = np.asarray(rope_factors, np.float64)
+  factor = float(factors.max())
+  smooth = (1 / factors - 1 / factor) / (1 - 1 / factor)
+  blended = (smooth > 1e-4) & (smooth < 1 - 1e-4)
+  if blended.sum() < 2:
+    raise ValueError(f"GGUF {_ROPE_FREQS} has {int(blended.sum())} blended frequencies; at least 2 are needed to "
+                     "recover the llama3 rope_scaling.")
+  inv_wavelen = 1.0 / rope_theta ** (np.arange(0, head_dim, 2) / head_dim) / (2 * math.pi)
+  slope, intercept = np.polyfit(inv_wavelen[blended], smooth[blended], 1)
+  high = 1.0 - 1.0 / intercept
+  scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+             "high_freq_factor": round(float(high), 4),
+             "original_max_position_embeddings": int(round(slope * (high - 1.0)))}
+  if not np.allclose(llama_cpp_rope_factors(scaling, rope_theta, head_dim), factors, rtol=1e-4):
+    raise ValueError(f"GGUF {_ROPE_FREQS} does not follow llama3 RoPE scaling (closest fit: {scaling}).")
+  return scaling
+
+
+def _field(reader, key: str, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def config_from_metadata(reader, tensors: dict[str, np.ndarray]) -> dict:
+  """A Hugging Face config.json dict from the GGUF metadata (and the tensors, for shapes and rope_freqs)."""
+  arch = _field(reader, "general.architecture")
+  if arch not in MODEL_TYPES:
+    raise ValueError(f"GGUF general.architecture={arch!r} is not supported; valid: {sorted(MODEL_TYPES)}.")
+
+  def meta(key, default=None):
+    return _field(reader, f"{arch}.{key}", default)
+
+  hidden, heads = meta("embedding_length"), meta("attention.head_count")
+  head_dim = meta("attention.key_length", meta("rope.dimension_count") if arch == "llama" else None) or hidden // heads
+  config = {
+      "model_type": MODEL_TYPES[arch],
+      "vocab_size": meta("vocab_size", tensors["model.embed_tokens.weight"].shape[0]),
+      "hidden_size": hidden,
+      "intermediate_size": meta("feed_forward_length"),
+      "num_hidden_layers": meta("block_count"),
+      "num_attention_heads": heads,
+      "num_key_value_heads": meta("attention.head_count_kv", heads),
+      "head_dim": head_dim,
+      "max_position_embeddings": meta("context_length", 2048),
+      "rms_norm_eps": meta("attention.layer_norm_rms_epsilon", 1e-6),
+      "rope_theta": meta("rope.freq_base", 10000.0),
+      "tie_word_embeddings": "lm_head.weight" not in tensors,
+      "attention_bias": arch == "llama" and "model.layers.0.self_attn.q_proj.bias" in tensors,
+      "mlp_bias": arch == "llama" and "model.layers.0.mlp.gate_proj.bias" in tensors,
+      "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+      "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
+      "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
+  }
+  scaling_type = meta("rope.scaling.type", "none")
+  if scaling_type == "linear":
+    config["rope_scaling"] = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
+  elif scaling_type != "none":
+    raise ValueError(f"GGUF {arch}.rope.scaling.type={scaling_type!r} is not supported; valid: 'none', 'linear' "
+                     f"(and llama3 scaling through {_ROPE_FREQS}).")
+  if _ROPE_FREQS in tensors:
+    config["rope_scaling"] = llama3_rope_scaling(tensors[_ROPE_FREQS], config["rope_theta"], head_dim)
+  return config
+
+
+def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(Hugging Face config dict, {Hugging Face tensor name: float32 array in PyTorch layout}) of a GGUF file."""
+  from gguf import GGUFReader
+  from gguf.quants import dequantize
+  reader = GGUFReader(path)
+  raw = {}
+  for tensor in reader.tensors:
+    shape = [int(n) for n in reversed(tensor.shape)]
+    value = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
+    raw[tensor.name if tensor.name == _ROPE_FREQS else hf_name(tensor.name)] = value
+  config = config_from_metadata(reader, raw)
+  raw.pop(_ROPE_FREQS, None)
+  if config["model_type"] in _PERMUTED_QK:
+    for key in list(raw):
+      if ".self_attn.q_proj." in key:
+        raw[key] = unpermute(raw[key], config["num_attention_heads"])
+      elif ".self_attn.k_proj." in key:
+        raw[key] = unpermute(raw[key], config["num_key_value_heads"])
+  return config, raw
+
+
+def load_tokenizer(path: str):
+  """The transformers tokenizer stored in a GGUF file (or in the one .gguf of a folder)."""
+  from transformers import AutoTokenizer
+  file = find(path)
+  if file is None:
+    raise FileNotFoundError(f"{path!r} is neither a .gguf file nor a folder holding one.")
+  return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(file)), gguf_file=os.path.basename(file))

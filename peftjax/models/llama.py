@@ -1,0 +1,597 @@
+"""Llama-family causal language models (Llama 2/3, Mistral, Qwen2) in Flax linen with Hugging Face names.
+
+One module covers the family through config switches: grouped-query attention (`num_key_value_heads`),
+`head_dim` independent of hidden_size / heads, rotary embeddings in the rotate-half layout ("default",
+"linear" and Llama 3's "llama3" `rope_scaling`), biases on q/k/v (Qwen2) or on every projection
+(`attention_bias`), Mistral's / Qwen2's sliding-window attention, and a tied or untied output head.
+RMS norms compute their statistics in float32; the MLP is down_proj(silu(gate_proj x) * up_proj x).
+
+Parameter paths mirror the PyTorch module names (``model/layers_0/self_attn/q_proj/kernel`` is
+``model.layers.0.self_attn.q_proj.weight``) and every projection is an `nn.Dense`, so LoRA targets
+("q_proj", "v_proj", ...) work as in Hugging Face PEFT.  With `scan_layers` the layers are one
+`nn.scan`ned module ``model/layers`` whose leaves have a leading layer axis (`stack_layers` /
+`unstack_layers` convert between the two layouts).
+
+Sliding windows follow transformers: a query in cache slot i sees the keys in slots j with
+i - window < j <= i (slots count padding, as Hugging Face's cache does).
+
+Hooks for prompt methods: `inputs_embeds` replaces the token embeddings; `prefix_kv` (one (key, value)
+pair per layer, each (batch, n_prefix, num_key_value_heads, head_dim), keys already rotated as in
+Hugging Face's past_key_values) is prepended to every layer's keys and values, always attended (also
+by sliding-window layers), and the tokens' rotary positions start at n_prefix, as Hugging Face PEFT
+prefix tuning does through past_key_values.
+
+GGUF files (llama.cpp) load through `from_pretrained` as well; see `peftjax.models.gguf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from peftjax import tree as ptree
+from peftjax.models import gguf, hf_io, sampling
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+_ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+}
+_LAYER = re.compile(r"^model/layers_(\d+)/")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Llama-family hyper-parameters under their Hugging Face names (defaults: Llama-2-7b).
+
+  `model_type` is "llama", "mistral" or "qwen2".  Qwen2 always has biases on q/k/v (not on o);
+  Llama's `attention_bias` puts biases on all four projections.  `rope_scaling` is Hugging Face's
+  dict ({"rope_type": "llama3", "factor": 8.0, ...}); it is stored as sorted (key, value) pairs so the
+  config stays hashable.  `sliding_window` applies to every Mistral layer, and to the Qwen2 layers
+  that `layer_types` marks "sliding_attention" (derived from `use_sliding_window` / `max_window_layers`
+  when not given, as transformers does); for Llama and Mistral `layer_types` is always derived.
+  """
+
+  model_type: str = "llama"
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int | None = None
+  head_dim: int | None = None
+  hidden_act: str = "silu"
+  max_position_embeddings: int = 2048
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] | None = None
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  attention_dropout: float = 0.0
+  sliding_window: int | None = None
+  use_sliding_window: bool = False
+  max_window_layers: int = 28
+  layer_types: tuple[str, ...] | None = None
+  tie_word_embeddings: bool = False
+  initializer_range: float = 0.02
+  bos_token_id: int | None = 1
+  eos_token_id: int | tuple[int, ...] | None = 2
+  pad_token_id: int | None = None
+
+  def __post_init__(self):
+    set_ = functools.partial(object.__setattr__, self)
+    if self.model_type not in ARCHITECTURES:
+      raise ValueError(f"LlamaConfig.model_type={self.model_type!r} is not supported; valid: {sorted(ARCHITECTURES)}.")
+    if self.hidden_act not in _ACTIVATIONS:
+      raise ValueError(f"LlamaConfig.hidden_act={self.hidden_act!r} is not supported; valid: {sorted(_ACTIVATIONS)}.")
+    if self.num_key_value_heads is None:
+      set_("num_key_value_heads", self.num_attention_heads)
+    if self.head_dim is None:
+      set_("head_dim", self.hidden_size // self.num_attention_heads)
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(f"LlamaConfig.num_attention_heads={self.num_attention_heads} must be a multiple of "
+                       f"num_key_value_heads={self.num_key_value_heads}.")
+    if isinstance(self.eos_token_id, list):
+      set_("eos_token_id", tuple(self.eos_token_id))
+    set_("rope_scaling", _rope_scaling(self.rope_scaling, self.max_position_embeddings))
+    if self.model_type == "llama" and self.sliding_window is not None:
+      raise ValueError(f"LlamaConfig.sliding_window={self.sliding_window} is a Mistral / Qwen2 setting; "
+                       "use model_type 'mistral' or 'qwen2', or sliding_window=None.")
+    if self.model_type == "qwen2" and not self.use_sliding_window:
+      set_("sliding_window", None)  # as transformers' Qwen2Config
+    if self.layer_types is None or self.model_type != "qwen2":  # only Qwen2 chooses per layer
+      sliding = [self.sliding_window is not None and (self.model_type != "qwen2" or i >= self.max_window_layers)
+                 for i in range(self.num_hidden_layers)]
+      set_("layer_types", tuple(LAYER_TYPES[s] for s in sliding))
+    set_("layer_types", tuple(self.layer_types))
+    if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+      raise ValueError(f"LlamaConfig.layer_types={self.layer_types!r} must list one of {LAYER_TYPES} for each of "
+                       f"the {self.num_hidden_layers} layers.")
+
+  @property
+  def qkv_bias(self) -> bool:
+    return self.attention_bias or self.model_type == "qwen2"
+
+  @property
+  def o_bias(self) -> bool:
+    return self.attention_bias and self.model_type != "qwen2"
+
+  @property
+  def sliding_layers(self) -> tuple[bool, ...]:
+    """Per layer, whether it attends through the sliding window."""
+    return tuple(t == "sliding_attention" and self.sliding_window is not None for t in self.layer_types)
+
+  @classmethod
+  def from_hf(cls, hf: Mapping[str, Any]) -> LlamaConfig:
+    """From a Hugging Face config.json dict (rope_theta/rope_scaling or transformers 5's rope_parameters)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in names}
+    rope = dict(hf.get("rope_parameters") or {})
+    if rope:
+      kwargs["rope_theta"] = rope.pop("rope_theta", hf.get("rope_theta", cls.rope_theta))
+      kwargs["rope_scaling"] = rope
+    return cls(**kwargs)
+
+  def to_hf(self) -> dict:
+    """A config.json dict that transformers' Llama / Mistral / Qwen2 ForCausalLM class accepts."""
+    skip = {"attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types"}
+    hf = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+    hf.update(model_type=self.model_type, architectures=[ARCHITECTURES[self.model_type]],
+              rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None)
+    if self.model_type == "llama":
+      hf.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
+    elif self.model_type == "mistral":
+      hf.update(sliding_window=self.sliding_window)
+    else:
+      hf.update(use_sliding_window=self.use_sliding_window, sliding_window=self.sliding_window,
+                max_window_layers=self.max_window_layers, layer_types=list(self.layer_types))
+    return hf
+
+
+def _rope_scaling(scaling, max_position_embeddings: int):
+  """Hugging Face rope_scaling (dict or pairs) -> sorted pairs with 'rope_type', or None for plain RoPE."""
+  if not scaling:
+    return None
+  scaling = dict(scaling)
+  rope_type = scaling.pop("type", None) or scaling.get("rope_type", "default")
+  scaling["rope_type"] = rope_type
+  if rope_type not in ROPE_TYPES:
+    raise ValueError(f"LlamaConfig.rope_scaling rope_type={rope_type!r} is not supported; valid: {ROPE_TYPES}.")
+  if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+    raise ValueError(f"LlamaConfig.rope_scaling partial_rotary_factor={scaling['partial_rotary_factor']} is not "
+                     "supported; valid: 1.0.")
+  if rope_type == "default":
+    return None
+  if rope_type == "llama3":
+    scaling.setdefault("original_max_position_embeddings", max_position_embeddings)
+  required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[rope_type]
+  missing = [key for key in required if key not in scaling]
+  if missing:
+    raise ValueError(f"LlamaConfig.rope_scaling of rope_type {rope_type!r} needs {list(required)}; missing {missing}.")
+  return tuple(sorted(scaling.items()))
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """Rotary inverse frequencies (head_dim // 2,) float32, with the config's rope_scaling applied."""
+  dim = config.head_dim
+  inv_freq = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+  scaling = dict(config.rope_scaling or {})
+  if scaling.get("rope_type") == "linear":
+    inv_freq = inv_freq / scaling["factor"]
+  elif scaling.get("rope_type") == "llama3":
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_context = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+    inv_freq = np.where(medium, smoothed, scaled)
+  return inv_freq.astype(np.float32)
+
+
+def rotary(position_ids: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+  """cos, sin (batch, length, head_dim) in float32 for the rotate-half layout."""
+  freqs = position_ids[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x (batch, length, heads, head_dim) rotated: x cos + rotate_half(x) sin."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None].astype(x.dtype), sin[:, :, None].astype(x.dtype)
+  return x * cos + rotated * sin
+
+
+def _normal(std: float, axes: tuple[str, ...]):
+  return nn.with_logical_partitioning(nn.initializers.normal(std), axes)
+
+
+def _dense(features: int, axes: tuple[str, str], config: LlamaConfig, use_bias: bool, dtype, param_dtype,
+           name: str) -> nn.Dense:
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                  kernel_init=_normal(config.initializer_range, axes),
+                  bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+
+class LlamaRMSNorm(nn.Module):
+  """x / sqrt(mean(x^2) + eps) * scale, statistics in float32."""
+
+  epsilon: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+    return scale.astype(self.dtype) * y.astype(self.dtype)
+
+
+class LlamaAttention(nn.Module):
+  """Grouped-query self-attention with rotary positions; query head h reads key/value head h // group."""
+
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def setup(self):
+    c = self.config
+    kw = dict(config=c, dtype=self.dtype, param_dtype=self.param_dtype)
+    self.q_proj = _dense(c.num_attention_heads * c.head_dim, ("embed", "joined_kv"), use_bias=c.qkv_bias,
+                         name="q_proj", **kw)
+    self.k_proj = _dense(c.num_key_value_heads * c.head_dim, ("embed", "joined_kv"), use_bias=c.qkv_bias,
+                         name="k_proj", **kw)
+    self.v_proj = _dense(c.num_key_value_heads * c.head_dim, ("embed", "joined_kv"), use_bias=c.qkv_bias,
+                         name="v_proj", **kw)
+    self.o_proj = _dense(c.hidden_size, ("joined_kv", "embed"), use_bias=c.o_bias, name="o_proj", **kw)
+    self.dropout = nn.Dropout(c.attention_dropout)
+
+  def __call__(self, x, cos, sin, mask, prefix_kv, cache, cache_index, deterministic: bool):
+    """x (batch, q, hidden); mask (batch, 1, q, keys) is True where attending is allowed.
+
+    With `cache` ({'key', 'value'} (batch, cache length, kv heads, head_dim)), this call's rotated keys
+    and values are written at `cache_index` and the queries attend over the whole cache.
+    """
+    c = self.config
+    batch, length = x.shape[:2]
+    query = apply_rotary(self.q_proj(x).reshape(batch, length, c.num_attention_heads, c.head_dim), cos, sin)
+    key = apply_rotary(self.k_proj(x).reshape(batch, length, c.num_key_value_heads, c.head_dim), cos, sin)
+    value = self.v_proj(x).reshape(batch, length, c.num_key_value_heads, c.head_dim)
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      key = jax.lax.dynamic_update_slice(cache["key"], key.astype(cache["key"].dtype), start)
+      value = jax.lax.dynamic_update_slice(cache["value"], value.astype(cache["value"].dtype), start)
+      cache = {"key": key, "value": value}
+    if prefix_kv is not None:
+      key = jnp.concatenate([prefix_kv[0].astype(key.dtype), key], axis=1)
+      value = jnp.concatenate([prefix_kv[1].astype(value.dtype), value], axis=1)
+    group = c.num_attention_heads // c.num_key_value_heads
+    query = query.reshape(batch, length, c.num_key_value_heads, group, c.head_dim)
+    scores = jnp.einsum("bqkgd,bskd->bkgqs", query, key.astype(self.dtype)).astype(jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores * c.head_dim ** -0.5, jnp.finfo(jnp.float32).min)
+    probs = self.dropout(jax.nn.softmax(scores, axis=-1).astype(self.dtype), deterministic=deterministic)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, value.astype(self.dtype))
+    return self.o_proj(out.reshape(batch, length, -1)), cache
+
+
+class LlamaMLP(nn.Module):
+  """down_proj(act(gate_proj x) * up_proj x)."""
+
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    c = self.config
+    kw = dict(config=c, use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = _dense(c.intermediate_size, ("embed", "mlp"), name="gate_proj", **kw)(x)
+    up = _dense(c.intermediate_size, ("embed", "mlp"), name="up_proj", **kw)(x)
+    return _dense(c.hidden_size, ("mlp", "embed"), name="down_proj", **kw)(_ACTIVATIONS[c.hidden_act](gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+  """x + self_attn(input_layernorm(x)), then + mlp(post_attention_layernorm(.)); returns (hidden, cache)."""
+
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, rope, masks, sliding, prefix_kv, cache, cache_index, deterministic: bool):
+    """`masks` is (full, windowed or None); `sliding` (a bool, traced under scan) picks the windowed one."""
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    full, windowed = masks
+    mask = full if windowed is None else jnp.where(sliding, windowed, full)
+    h = LlamaRMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
+    h, cache = LlamaAttention(c, name="self_attn", **kw)(h, *rope, mask, prefix_kv, cache, cache_index,
+                                                         deterministic)
+    x = x + h
+    h = LlamaMLP(c, name="mlp", **kw)(LlamaRMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
+    return x + h, cache
+
+
+class LlamaModel(nn.Module):
+  """embed_tokens, the layers layers_0 ... layers_{n-1} (or one scanned `layers`), and the final norm."""
+
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: bool = False
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.embed_tokens = nn.Embed(c.vocab_size, c.hidden_size, name="embed_tokens", **kw,
+                                 embedding_init=_normal(c.initializer_range, ("vocab", "embed")))
+    layer = LlamaDecoderLayer
+    if self.remat:  # static_argnums counts self as 0: `deterministic` is argument 8
+      layer = nn.remat(layer, static_argnums=(8,), prevent_cse=not self.scan_layers)
+    if self.scan_layers:
+      layer = nn.scan(layer, variable_axes={True: 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=(nn.broadcast, nn.broadcast, 0, 0, 0, nn.broadcast, nn.broadcast),
+                      length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      self.layers = layer(c, name="layers", **kw)
+    else:
+      self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
+    self.norm = LlamaRMSNorm(c.rms_norm_eps, name="norm", **kw)
+
+  def __call__(self, embeddings, position_ids, masks, prefix_kv, cache, cache_index, deterministic: bool):
+    """Final hidden states (batch, length, hidden) and the updated cache (None without one)."""
+    rope = rotary(position_ids, rope_inv_freq(self.config))
+    sliding = self.config.sliding_layers
+    x = embeddings
+    if self.scan_layers:
+      if prefix_kv is not None:
+        prefix_kv = tuple(jnp.stack(t) for t in zip(*prefix_kv))
+      x, cache = self.layers(x, rope, masks, jnp.asarray(sliding), prefix_kv, cache, cache_index, deterministic)
+    else:
+      layer_caches = []
+      for i, layer in enumerate(self.layers):
+        layer_cache = None if cache is None else {k: v[i] for k, v in cache.items()}
+        x, layer_cache = layer(x, rope, masks, sliding[i], None if prefix_kv is None else prefix_kv[i],
+                               layer_cache, cache_index, deterministic)
+        layer_caches.append(layer_cache)
+      if cache is not None:
+        cache = {k: jnp.stack([lc[k] for lc in layer_caches]) for k in cache}
+    return self.norm(x), cache
+
+
+def attention_masks(config: LlamaConfig, attention_mask, query_length: int, cache_index, n_prefix: int):
+  """(full, windowed or None), each (batch, 1, q, n_prefix + keys) and True where attending is allowed.
+
+  Keys are allowed at or before each query's slot when not padding; windowed masks also drop keys
+  `sliding_window` or more slots back.  The prefix is always allowed.
+  """
+  query_slots = cache_index + jnp.arange(query_length)[:, None]
+  key_slots = jnp.arange(attention_mask.shape[1])[None, :]
+  padding = attention_mask[:, None, None, :].astype(bool)
+  full = (key_slots <= query_slots)[None, None] & padding
+  windowed = None
+  if any(config.sliding_layers):
+    windowed = full & (key_slots > query_slots - config.sliding_window)[None, None]
+  if n_prefix:
+    prefix = jnp.ones((*full.shape[:3], n_prefix), bool)
+    full = jnp.concatenate([prefix, full], axis=-1)
+    windowed = None if windowed is None else jnp.concatenate([prefix, windowed], axis=-1)
+  return full, windowed
+
+
+class LlamaForCausalLM(nn.Module):
+  """A Llama-family model with its language-modelling head; `__call__` returns logits (batch, length, vocab)."""
+
+  config: LlamaConfig
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: bool = False
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.model = LlamaModel(c, scan_layers=self.scan_layers, remat=self.remat, name="model", **kw)
+    if not c.tie_word_embeddings:
+      self.lm_head = nn.Dense(c.vocab_size, use_bias=False, name="lm_head", **kw,
+                              kernel_init=_normal(c.initializer_range, ("embed", "vocab")))
+
+  def logits(self, hidden):
+    """The output head: hidden @ embed_tokens.T (tied) or lm_head."""
+    if self.config.tie_word_embeddings:
+      return self.model.embed_tokens.attend(hidden)
+    return self.lm_head(hidden)
+
+  def _hidden(self, input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, cache, cache_index,
+              deterministic):
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("LlamaForCausalLM takes exactly one of input_ids and inputs_embeds.")
+    embeddings = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+    batch, length = embeddings.shape[:2]
+    n_prefix = 0 if prefix_kv is None else prefix_kv[0][0].shape[1]
+    if position_ids is None:
+      position_ids = cache_index + jnp.arange(length)[None]
+    if attention_mask is None:
+      attention_mask = jnp.ones((batch, length if cache is None else cache["key"].shape[2]), jnp.int32)
+    masks = attention_masks(self.config, attention_mask, length, cache_index, n_prefix)
+    return self.model(embeddings, position_ids + n_prefix, masks, prefix_kv, cache, cache_index, deterministic)
+
+  def __call__(self, input_ids=None, attention_mask=None, position_ids=None, deterministic: bool = True,
+               inputs_embeds=None, prefix_kv=None):
+    """Logits for a causally masked sequence.
+
+    attention_mask (batch, length) is 1 for tokens, 0 for padding.  position_ids default to 0, 1, ...
+    (as Hugging Face's forward; `generate` counts only real tokens).  With `prefix_kv` the positions
+    (given or default) are shifted by n_prefix, as in Hugging Face PEFT.
+    """
+    hidden, _ = self._hidden(input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, None, 0,
+                             deterministic)
+    return self.logits(hidden)
+
+  def decode(self, input_ids, attention_mask, position_ids, cache, cache_index, prefix_kv=None):
+    """Logits (batch, vocab) of the last of `input_ids` written at cache slots cache_index..., and the new cache.
+
+    attention_mask (batch, cache length) marks the cache slots that hold tokens (not padding).
+    """
+    hidden, cache = self._hidden(input_ids, None, attention_mask, position_ids, prefix_kv, cache, cache_index, True)
+    return self.logits(hidden[:, -1]), cache
+
+
+def init_params(model: LlamaForCausalLM, rng: jax.Array) -> dict:
+  """Randomly initialised parameters (unboxed) of `model`."""
+  return nn.unbox(model.init(rng, jnp.ones((1, 1), jnp.int32))["params"])
+
+
+def logical_axes(model: LlamaForCausalLM) -> dict:
+  """Tree of logical-axis PartitionSpecs with the structure of the parameters."""
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))
+  return nn.get_partition_spec(abstract["params"])
+
+
+def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
+  """Empty key/value cache {'key', 'value'}: (layers, batch, length, num_key_value_heads, head_dim) each."""
+  shape = (config.num_hidden_layers, batch, length, config.num_key_value_heads, config.head_dim)
+  return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+
+
+def stack_layers(tree: Mapping[str, Any]) -> dict:
+  """Per-layer tree (model/layers_0/..., layers_1/...) -> scanned layout (model/layers/... with a leading layer axis).
+
+  Works on parameters and on adapter trees that mirror them.
+  """
+  layers, rest = {}, {}
+  for path, leaf in ptree.flatten(tree).items():
+    found = _LAYER.match(path)
+    if found:
+      layers.setdefault("model/layers/" + path[found.end():], {})[int(found.group(1))] = leaf
+    else:
+      rest[path] = leaf
+  for path, by_layer in layers.items():
+    rest[path] = jnp.stack([by_layer[i] for i in range(len(by_layer))])
+  return ptree.unflatten(rest)
+
+
+def unstack_layers(tree: Mapping[str, Any]) -> dict:
+  """Inverse of `stack_layers`."""
+  out = {}
+  for path, leaf in ptree.flatten(tree).items():
+    if path.startswith("model/layers/"):
+      for i in range(leaf.shape[0]):
+        out[f"model/layers_{i}/" + path[len("model/layers/"):]] = leaf[i]
+    else:
+      out[path] = leaf
+  return ptree.unflatten(out)
+
+
+def from_pretrained(path_or_hub_id: str, dtype=None, scan_layers: bool = False,
+                    remat: bool = False) -> tuple[LlamaForCausalLM, dict]:
+  """(model, params) from a Hugging Face Llama / Mistral / Qwen2 folder or hub id, or a GGUF file.
+
+  A folder holds config.json + model.safetensors (or sharded safetensors with an index); a `.gguf` file,
+  or a folder holding exactly one and no config.json, is read with `peftjax.models.gguf` (dequantised).
+  `dtype` is the compute and parameter dtype (float32 when None).  The head is tied exactly when the
+  config says `tie_word_embeddings`, as in transformers.
+  """
+  gguf_path = gguf.find(path_or_hub_id)
+  if gguf_path is not None:
+    hf_config, state = gguf.read(gguf_path)
+  else:
+    folder = hf_io.resolve(path_or_hub_id)
+    hf_config, state = hf_io.read_config(folder), hf_io.read_state_dict(folder)
+  config = LlamaConfig.from_hf(hf_config)
+  dtype = jnp.dtype(dtype or jnp.float32)
+  model = LlamaForCausalLM(config, dtype=dtype, param_dtype=dtype)
+  abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+  params = hf_io.params_from_state_dict(state, abstract, dtype=dtype)
+  if scan_layers or remat:
+    model = model.clone(scan_layers=scan_layers, remat=remat)
+  return model, stack_layers(params) if scan_layers else params
+
+
+def save_pretrained(model: LlamaForCausalLM, params: dict, folder: str) -> None:
+  """Writes config.json + model.safetensors that transformers' Llama / Mistral / Qwen2 class loads."""
+  if model.scan_layers:
+    params = unstack_layers(params)
+  hf_io.write_folder(folder, model.config.to_hf(), hf_io.state_dict_from_params(params))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "apply_fn"))
+def _generate(model, params, input_ids, attention_mask, prefix_kv, rng, eos, pad, max_new_tokens, temperature, top_k,
+              top_p, apply_fn):
+  call = apply_fn or (lambda p, *args, **kwargs: model.apply({"params": p}, *args, **kwargs))
+  batch, prompt_length = input_ids.shape
+  # Hugging Face generate: prompt positions count real tokens (padding gets 0); new tokens continue from the last.
+  positions = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+  slots_mask = jnp.concatenate([attention_mask, jnp.ones((batch, max_new_tokens), attention_mask.dtype)], axis=1)
+  cache = init_cache(model.config, batch, prompt_length + max_new_tokens, model.dtype)
+  logits, cache = call(params, input_ids, slots_mask, positions, cache, 0, prefix_kv, method="decode")
+
+  def choose(logits, finished, rng):
+    key = None
+    if rng is not None:
+      rng, key = jax.random.split(rng)
+    token = sampling.next_token(logits, key, temperature, top_k, top_p).astype(input_ids.dtype)
+    token = jnp.where(finished, pad, token)
+    return token, finished | jnp.isin(token, eos), rng
+
+  def step(carry, t):
+    token, cache, finished, rng = carry
+    position = positions[:, -1:] + 1 + t
+    logits, cache = call(params, token[:, None], slots_mask, position, cache, prompt_length + t, prefix_kv,
+                         method="decode")
+    token, finished, rng = choose(logits, finished, rng)
+    return (token, cache, finished, rng), token
+
+  first, finished, rng = choose(logits, jnp.zeros((batch,), bool), rng)
+  _, rest = jax.lax.scan(step, (first, cache, finished, rng), jnp.arange(max_new_tokens - 1))
+  return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def generate(model: LlamaForCausalLM, params: Any, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+             max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             rng: jax.Array | None = None, eos_token_id: int | Sequence[int] | None = None,
+             pad_token_id: int | None = None, prefix_kv: Any = None,
+             apply_fn: Callable[..., Any] | None = None) -> jax.Array:
+  """New tokens (batch, max_new_tokens) after the (left-padded) prompts; after EOS a sequence emits pad.
+
+  A jit-compiled loop over a key/value cache, with Hugging Face generate's positions and EOS handling.
+  Temperature 0 is greedy; sampling needs `rng`.  eos_token_id / pad_token_id default to the config's
+  (pad falls back to EOS, then 0); they are traced, so other ids reuse the compilation.
+  `apply_fn(params, *args, method=..., **kwargs)` replaces `model.apply({"params": params}, ...)`, e.g.
+  for LoRA: params=(base, adapters) and apply_fn=lambda p, *a, **kw: pj.apply(cfg, model.apply)(p[0], p[1],
+  *a, **kw) (pass the same function object each call to reuse the compilation).
+  """
+  if temperature > 0.0 and rng is None:
+    raise ValueError(f"generate: temperature={temperature} samples and needs rng=jax.random.key(...); "
+                     "use temperature=0.0 for greedy decoding.")
+  if max_new_tokens < 1:
+    raise ValueError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}.")
+  c = model.config
+  eos = c.eos_token_id if eos_token_id is None else eos_token_id
+  eos = [] if eos is None else np.atleast_1d(eos).tolist()
+  pad = pad_token_id if pad_token_id is not None else c.pad_token_id
+  pad = pad if pad is not None else (eos[0] if eos else 0)
+  input_ids = jnp.asarray(input_ids)
+  attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
+  eos = jnp.asarray(eos or [-1], input_ids.dtype)  # traced: another EOS id reuses the compilation
+  return _generate(model, params, input_ids, attention_mask, prefix_kv, rng, eos, jnp.asarray(pad, input_ids.dtype),
+                   max_new_tokens, float(temperature), int(top_k), float(top_p), apply_fn)
