@@ -10,8 +10,6 @@ plain matmul's GFLOP/s measured in the same run.  Usage: python bench/lora_t5.py
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,18 +19,9 @@ import optax
 import peftjax as pj
 from peftjax.models import t5
 
+from common import interleaved_medians, jax_adamw_step, median_seconds, torch_adamw_step
+
 BATCH, SOURCE, TARGET, RANK = 8, 128, 32, 8
-
-
-def median_seconds(step, repeats: int, warmup: int = 2) -> float:
-  for _ in range(warmup):
-    step()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
 
 
 def make_batch(vocab: int):
@@ -49,7 +38,6 @@ def jax_steps(config: t5.T5Config, batch):
   adapters = pj.init(lora_cfg, jax.random.key(1), params)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   decoder_input_ids = t5.shift_right(batch["labels"], config.decoder_start_token_id, config.pad_token_id)
-  tx = optax.adamw(1e-4)
 
   def loss(logits):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
@@ -61,32 +49,10 @@ def jax_steps(config: t5.T5Config, batch):
   def full_loss(params):
     return loss(model.apply({"params": params}, batch["input_ids"], batch["attention_mask"], decoder_input_ids))
 
-  @jax.jit
-  def lora_step(adapters, opt_state, params):
-    grads = jax.grad(lora_loss)(adapters, params)
-    updates, opt_state = tx.update(grads, opt_state, adapters)
-    return optax.apply_updates(adapters, updates), opt_state
-
-  @jax.jit
-  def full_step(params, opt_state):
-    grads = jax.grad(full_loss)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  lora_state = [adapters, tx.init(adapters)]
-  full_state = [params, tx.init(params)]
-
-  def run_lora():
-    lora_state[:] = lora_step(lora_state[0], lora_state[1], params)
-    jax.block_until_ready(lora_state)
-
-  def run_full():
-    full_state[:] = full_step(*full_state)
-    jax.block_until_ready(full_state)
-
-  flops = lora_step.lower(adapters, lora_state[1], params).compile().cost_analysis()
-  flops = (flops[0] if isinstance(flops, list) else flops)["flops"]
-  return run_lora, run_full, flops
+  run_lora, lora_lowered = jax_adamw_step(lora_loss, adapters, params)
+  run_full, _ = jax_adamw_step(full_loss, params)
+  cost = lora_lowered.compile().cost_analysis()
+  return run_lora, run_full, (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
 def torch_peft_step(config: t5.T5Config, batch):
@@ -99,22 +65,7 @@ def torch_peft_step(config: t5.T5Config, batch):
   model = transformers.T5ForConditionalGeneration(transformers.T5Config(**config.to_hf()))
   model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["q", "v"],
                                                      lora_dropout=0.0, task_type="SEQ_2_SEQ_LM"))
-  model.train()
-  for module in model.modules():  # dropout off, as in the JAX steps (deterministic=True)
-    if isinstance(module, torch.nn.Dropout):
-      module.p = 0.0
-  device = "cuda" if torch.cuda.is_available() else "cpu"
-  model.to(device)
-  opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-  inputs = {k: torch.as_tensor(v, device=device) for k, v in batch.items()}
-
-  def run():
-    opt.zero_grad(set_to_none=True)
-    model(**inputs).loss.backward()
-    opt.step()
-    if device == "cuda":
-      torch.cuda.synchronize()
-  return run, device
+  return torch_adamw_step(model, batch)
 
 
 def matmul_gflops(repeats: int, n: int = 2048) -> float:
@@ -132,13 +83,8 @@ def main():
   batch = make_batch(config.vocab_size)
   run_lora, run_full, lora_flops = jax_steps(config, batch)
   run_torch, torch_device = torch_peft_step(config, batch)
-  # Interleave the three so that machine noise hits them alike; report the medians.
-  rounds = {"lora": [], "full": [], "torch": []}
-  for _ in range(3):
-    rounds["lora"].append(median_seconds(run_lora, args.repeats))
-    rounds["full"].append(median_seconds(run_full, args.repeats))
-    rounds["torch"].append(median_seconds(run_torch, args.repeats))
-  a, b, c = (statistics.median(rounds[k]) for k in ("lora", "full", "torch"))
+  medians = interleaved_medians({"lora": run_lora, "full": run_full, "torch": run_torch}, args.repeats)
+  a, b, c = (medians[k] for k in ("lora", "full", "torch"))
   peak = matmul_gflops(args.repeats)
   achieved = lora_flops / a / 1e9
   print(f"jax on {jax.devices()[0].device_kind}, torch on {torch_device}; t5-small shapes, batch {BATCH}, "
