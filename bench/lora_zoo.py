@@ -1,0 +1,151 @@
+"""Step time of peftjax LoRA vs Hugging Face PEFT LoRA on BERT, GPT-2 and Llama-family shapes.
+
+For each family, in one run and on the same machine: one training step (forward, backward, AdamW update
+of the adapters only) of peftjax LoRA on our Flax model and of HF peft LoRA on transformers' PyTorch
+model, both built from the same Hugging Face config dict, on the same batch (default 8 x 128, fp32).
+LoRA r=8, alpha=16 on the family's usual targets; BERT is a sequence classifier (peft's SEQ_CLS also
+trains the classifier, so ours trains it through modules_to_save), GPT-2 and Llama are causal LMs.
+T5 has its own script, bench/lora_t5.py.  Usage: python bench/lora_zoo.py [--families bert gpt2 llama]
+[--repeats 5] [--batch 8] [--seq 128] [--layers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import peftjax as pj
+from peftjax.methods.modules_to_save import ModulesToSaveConfig
+
+from common import interleaved_medians, jax_adamw_step, torch_adamw_step
+
+RANK = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A model family: its shapes as a Hugging Face config dict and the key of its layer count; the config and
+  model classes (one name each in peftjax.models.<module> and in transformers); LoRA targets; peft's task type."""
+
+  shapes: str
+  hf_config: dict
+  layers_key: str
+  module: str
+  config_class: str
+  model_class: str
+  targets: tuple[str, ...]
+  task_type: str
+
+
+FAMILIES = {
+    "bert": Family("bert-base", dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                     intermediate_size=3072, max_position_embeddings=512),
+                   "num_hidden_layers", "bert", "BertConfig", "BertForSequenceClassification", ("query", "value"),
+                   "SEQ_CLS"),
+    "gpt2": Family("gpt2 small", dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
+                   "n_layer", "gpt2", "GPT2Config", "GPT2LMHeadModel", ("c_attn",), "CAUSAL_LM"),
+    "llama": Family("SmolLM2-135M", dict(vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                                         max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
+                                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
+                    "num_hidden_layers", "llama", "LlamaConfig", "LlamaForCausalLM", ("q_proj", "v_proj"),
+                    "CAUSAL_LM"),
+}
+
+
+def make_batch(family: Family, hf_config: dict, batch: int, seq: int) -> dict:
+  """Random token ids, an all-ones attention mask, and labels (one class per row, or the ids for a causal LM)."""
+  rng = np.random.default_rng(0)
+  input_ids = rng.integers(3, hf_config["vocab_size"], (batch, seq))
+  labels = rng.integers(0, 2, batch) if family.task_type == "SEQ_CLS" else input_ids
+  return {"input_ids": input_ids, "attention_mask": np.ones((batch, seq), np.int64), "labels": labels}
+
+
+def loss_fn(family: Family, logits, labels):
+  """Hugging Face's training loss: cross entropy of the class, or of the next token (shifted by one)."""
+  if family.task_type == "CAUSAL_LM":
+    logits, labels = logits[:, :-1], labels[:, 1:]
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def jax_step(family: Family, hf_config: dict, batch: dict):
+  """(run one peftjax LoRA step, base parameter count, trainable parameter count)."""
+  module = importlib.import_module(f"peftjax.models.{family.module}")
+  model = getattr(module, family.model_class)(getattr(module, family.config_class).from_hf(hf_config))
+  params = module.init_params(model, jax.random.key(0))
+  cfg = [pj.LoraConfig(rank=RANK, alpha=2 * RANK, targets=family.targets)]
+  if family.task_type == "SEQ_CLS":  # as peft's SEQ_CLS, which trains the new head in full
+    cfg.append(ModulesToSaveConfig(("classifier",)))
+  adapters = pj.init(cfg, jax.random.key(1), params)
+  apply = pj.apply(cfg, model.apply)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+
+  def loss(adapters, params, batch):
+    return loss_fn(family, apply(params, adapters, batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+  run, _ = jax_adamw_step(loss, adapters, params, batch)
+  return run, pj.count(params), pj.count(adapters)
+
+
+def torch_step(family: Family, hf_config: dict, batch: dict):
+  """(run one HF peft LoRA step, device, base parameter count, trainable parameter count)."""
+  import peft
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  model = getattr(transformers, family.model_class)(getattr(transformers, family.config_class)(**hf_config))
+  n_params = sum(p.numel() for p in model.parameters())
+  lora = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=list(family.targets), lora_dropout=0.0,
+                         task_type=family.task_type, fan_in_fan_out=family.module == "gpt2")
+  model = peft.get_peft_model(model, lora)
+  n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+  run, device = torch_adamw_step(model, batch)
+  return run, device, n_params, n_trainable
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=list(FAMILIES))
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq", type=int, default=128)
+  parser.add_argument("--layers", type=int, default=None, help="layer count of every family (default: its own)")
+  args = parser.parse_args()
+  rows = []
+  for name in args.families:
+    family = FAMILIES[name]
+    hf_config = dict(family.hf_config)
+    if args.layers is not None:
+      hf_config[family.layers_key] = args.layers
+    positions = hf_config.get("max_position_embeddings", hf_config.get("n_positions"))
+    if args.seq > positions:
+      raise SystemExit(f"--seq={args.seq} is longer than {name}'s {positions} positions; use --seq <= {positions}.")
+    batch = make_batch(family, hf_config, args.batch, args.seq)
+    run_jax, n_params, n_trainable = jax_step(family, hf_config, batch)
+    run_torch, device, torch_params, torch_trainable = torch_step(family, hf_config, batch)
+    print(f"{name}: {family.shapes} shapes, {hf_config[family.layers_key]} layers, LoRA r={RANK} on "
+          f"{','.join(family.targets)}; params {n_params:,d} (torch {torch_params:,d}), trainable {n_trainable:,d} "
+          f"(peft {torch_trainable:,d})", flush=True)
+    if (n_params, n_trainable) != (torch_params, torch_trainable):
+      raise SystemExit(f"{name}: the parameter counts differ from the torch model's, so the step times are not "
+                       "comparable.")
+    medians = interleaved_medians({"jax": run_jax, "torch": run_torch}, args.repeats)
+    rows.append((name, medians["jax"], medians["torch"]))
+    del run_jax, run_torch  # free this family's models before building the next
+  print(f"jax on {jax.devices()[0].device_kind}, torch on {device}; batch {args.batch}, seq {args.seq}, fp32, "
+        f"one AdamW step of the adapters, median of 3x{args.repeats} steps")
+  print(f"{'family':<8}{'peftjax ms':>12}{'torch ms':>12}{'ratio':>8}")
+  for name, jax_s, torch_s in rows:
+    print(f"{name:<8}{jax_s * 1e3:>12.1f}{torch_s * 1e3:>12.1f}{jax_s / torch_s:>8.3f}")
+  print("ratio = peftjax / torch (target <= 0.50)")
+
+
+if __name__ == "__main__":
+  main()
