@@ -494,8 +494,9 @@ def test_smollm2_gguf_logits_match_transformers(smollm2):
   print(f"SmolLM2-135M GGUF: max |logit diff| vs transformers = {diff:.2e} over {ids.shape[1]} tokens, "
         f"logit scale {np.abs(expected).max():.1f}")
   # fp32 rounding, not a semantic difference: transformers' own fp32 and fp64 runs of this model differ by
-  # 9e-5 on these logits (|logit| up to ~38, 30 layers); 3e-4 is 1e-5 relative to that scale.
-  assert diff < 3e-4 and np.abs(ours - expected).mean() < 2e-5
+  # 9e-5 on these logits (|logit| up to ~38, 30 layers); 3e-4 is 1e-5 relative to that scale.  The mean
+  # difference measured 1.9e-5 to 2.1e-5 across runs (XLA's CPU thread split changes the sums' order).
+  assert diff < 3e-4 and np.abs(ours - expected).mean() < 5e-5
   assert (np.argmax(ours, -1) == np.argmax(expected, -1)).all()
 
 
