@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import peftjax as pj
-from peftjax import tree
+from peftjax import interop, tree
 from peftjax.methods import adalora
 from peftjax.models import gpt2
 
@@ -107,8 +107,9 @@ def test_init_is_identity_and_counts_match_hf_peft(t5_folder, t5_model, batch):
   assert all(float(jnp.abs(e).max()) == 0.0 for p, e in tree.flatten(adapters).items() if p.endswith("lora_E"))
   factors = jnp.concatenate([x.reshape(-1) for p, x in tree.flatten(adapters).items() if not p.endswith("lora_E")])
   assert abs(float(jnp.std(factors)) / adalora.INIT_STD - 1) < 0.03 and abs(float(jnp.mean(factors))) < 1e-3
-  base = model.apply({"params": params}, **inputs)
-  np.testing.assert_array_equal(pj.apply(cfg, model.apply)(params, adapters, **inputs), base)
+  base = jax.jit(lambda p: model.apply({"params": p}, **inputs))(params)
+  adapted = jax.jit(lambda p, a: pj.apply(cfg, model.apply)(p, a, **inputs))
+  np.testing.assert_array_equal(adapted(params, adapters), base)
 
   peft_model = _peft_model(t5_folder, cfg)
   n_modules = 4 * 6 + 2 * 4  # q, k, v, o of 6 attentions; wi, wo of 4 feed-forward blocks
@@ -137,12 +138,13 @@ def test_logits_match_hf_peft_and_merge(family, t5_folder, t5_model, batch, tmp_
   with torch.no_grad():
     expected = peft_model(**{k: torch.tensor(v) for k, v in inputs.items()}).logits.numpy()
   unmerged = jax.jit(lambda p, a: pj.apply(cfg, model.apply)(p, a, **inputs))(params, adapters)
-  base = model.apply({"params": params}, **inputs)
+  logits = jax.jit(lambda p: model.apply({"params": p}, **inputs))
+  base = logits(params)
   assert _max_diff(unmerged, base) > 1e-2
   assert _max_diff(unmerged, expected) < 1e-4
   merged = pj.merge(cfg, params, adapters)
   assert jax.tree.structure(merged) == jax.tree.structure(params)
-  assert _max_diff(model.apply({"params": merged}, **inputs), unmerged) < 1e-5
+  assert _max_diff(logits(merged), unmerged) < 1e-5
   assert max(jax.tree.leaves(jax.tree.map(_max_diff, pj.unmerge(cfg, merged, adapters), params))) < 1e-6
 
 
@@ -297,8 +299,8 @@ def test_layer_stacked_adapters_allocate_like_per_layer(tmp_path):
   stacked = gpt2.stack_layers(adapters)
   assert stacked["transformer"]["h"]["attn"]["c_attn"]["lora_E"].shape == (2, 4)
   ids = np.random.default_rng(2).integers(0, 101, (2, 8))
-  assert _max_diff(pj.apply(cfg, scanned.apply)(scanned_params, stacked, ids),
-                   pj.apply(cfg, model.apply)(params, adapters, ids)) < 1e-5
+  assert _max_diff(jax.jit(pj.apply(cfg, scanned.apply))(scanned_params, stacked, ids),
+                   jax.jit(pj.apply(cfg, model.apply))(params, adapters, ids)) < 1e-5
   grads = _random_factors(adapters, seed=4)
   state, stacked_state = adalora.init_state(adapters), adalora.init_state(stacked)
   for step in range(3):
@@ -314,6 +316,44 @@ def test_layer_stacked_adapters_allocate_like_per_layer(tmp_path):
   assert sum(adalora.ranks(state).values()) == int(budget) < 6 * cfg.init_r
   assert adalora.num_modules(stacked) == 6 and adalora.ranks(stacked_state)["transformer/h/mlp/c_proj"] == [
       adalora.ranks(state)["transformer/h_0/mlp/c_proj"], adalora.ranks(state)["transformer/h_1/mlp/c_proj"]]
+
+
+def test_peft_adapter_files_carry_the_rank_pattern_both_ways(t5_folder, t5_model, batch, tmp_path):
+  from transformers import T5ForConditionalGeneration
+  model, params = t5_model
+  inputs, _ = batch
+  cfg = adalora.AdaLoraConfig(total_step=4, init_r=4, target_r=2, targets=("q", "v"), alpha=16.0)
+  adapters = _random_factors(pj.init(cfg, jax.random.key(0), params))
+  state, grads = adalora.init_state(adapters), _random_factors(adapters, seed=5)
+  for step in range(cfg.total_step + 1):  # the final mask is fixed at step total_step - tfinal
+    adapters, state, _ = adalora.update_and_allocate(cfg, state, adapters, grads, step)
+  kept = adalora.ranks(state)
+  assert sum(kept.values()) == 12 * cfg.target_r and set(kept.values()) != {cfg.target_r}
+  logits = jax.jit(lambda a: pj.apply(cfg, model.apply)(params, a, **inputs))
+  expected = logits(adapters)
+
+  interop.save_adalora_adapter(str(tmp_path / "ours"), cfg, adapters, state)
+  peft_model = peft.PeftModel.from_pretrained(T5ForConditionalGeneration.from_pretrained(t5_folder).eval(),
+                                              str(tmp_path / "ours"))
+  assert {name: f["lora_E"].shape[0] for name, f in _peft_factors(peft_model).items()} == {
+      tree.hf_name(p): r for p, r in kept.items()}
+  with torch.no_grad():
+    theirs = peft_model(**{k: torch.tensor(v) for k, v in inputs.items()}).logits.numpy()
+  assert _max_diff(theirs, expected) < 1e-4
+
+  peft_model.save_pretrained(str(tmp_path / "peft"))
+  loaded_cfg, loaded, loaded_state = interop.load_adalora_adapter(str(tmp_path / "peft"), params)
+  assert loaded_cfg == cfg
+  assert adalora.rank_pattern(loaded_state) == adalora.rank_pattern(state)
+  masks = tree.flatten(state["mask"])
+  for path, value in tree.flatten(loaded).items():
+    keep = masks[path.rsplit("/", 1)[0] + "/lora_E"]
+    original = np.asarray(tree.flatten(adapters)[path])
+    np.testing.assert_array_equal(value, np.where(keep[None] if path.endswith("lora_A") else
+                                                  keep[:, None] if path.endswith("lora_B") else keep, original, 0.0))
+  assert _max_diff(logits(loaded), expected) < 1e-6
+  with pytest.raises(ValueError, match="peft_type='ADALORA'"):
+    interop.load_lora_adapter(str(tmp_path / "peft"), params)
 
 
 def test_bad_config_names_the_key():

@@ -133,6 +133,7 @@ def num_modules(adapters: dict) -> int:
   return sum(int(np.prod(np.shape(a["lora_E"])[:-1])) for a in lora.adapter_modules(adapters).values())
 
 
+@functools.lru_cache(maxsize=16)
 def _cubic_budgets(cfg: AdaLoraConfig, n_modules: int) -> np.ndarray:
   """Budgets of steps tinit+1 .. total_step-tfinal, computed in float64 exactly as PEFT's budget_schedule."""
   init_bgt, target_bgt = cfg.init_r * n_modules, cfg.target_r * n_modules
@@ -214,7 +215,8 @@ def orthogonal_regularization(cfg: AdaLoraConfig, adapters: dict) -> jax.Array:
 
 def ranks(state: dict) -> dict[str, Any]:
   """{module path: surviving singular values}: an int, or nested lists of ints for a layer-stacked module."""
-  return {path.rsplit("/", 1)[0]: np.asarray(mask).sum(-1).tolist() for path, mask in ptree.flatten(state["mask"]).items()}
+  masks = ptree.flatten(state["mask"])
+  return {path.rsplit("/", 1)[0]: np.asarray(mask).sum(-1).tolist() for path, mask in masks.items()}
 
 
 def rank_pattern(state: dict) -> dict[str, list[bool]]:
