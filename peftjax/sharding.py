@@ -136,7 +136,7 @@ def param_shardings(logical_axes: Any, params: Any, mesh: Mesh, rules: Rules = D
   return ptree.unflatten(out)
 
 
-def _adapter_spec(path: str, ndim: int, base: dict[str, P]) -> P:
+def adapter_spec(path: str, ndim: int, base: dict[str, P]) -> P:
   """Spec of one adapter leaf from the base tree's mesh specs (see the module docstring)."""
   if path in base:
     return base[path]
@@ -158,7 +158,7 @@ def adapter_shardings(adapters: Any, params_shardings: Any) -> Any:
   flat_base = ptree.flatten(params_shardings)
   mesh = next(iter(flat_base.values())).mesh
   base = {p: s.spec for p, s in flat_base.items()}
-  return ptree.unflatten({p: NamedSharding(mesh, _adapter_spec(p, np.ndim(x), base))
+  return ptree.unflatten({p: NamedSharding(mesh, adapter_spec(p, np.ndim(x), base))
                           for p, x in ptree.flatten(adapters).items()})
 
 
