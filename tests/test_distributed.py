@@ -76,3 +76,43 @@ def test_single_process_helpers(monkeypatch):
   data = {"x": np.arange(20).reshape(10, 2)}
   batch = distributed.load_local(data, np.array([9, 0, 3, 4, 5, 6, 7, 8]), sharding.batch_sharding(mesh))
   np.testing.assert_array_equal(distributed.to_host(batch["x"]), data["x"][[9, 0, 3, 4, 5, 6, 7, 8]])
+
+
+def dry_run(script: str, *args: str) -> list[str]:
+  done = subprocess.run([sys.executable, str(ROOT / "tpu_scripts" / script), *args, "--dry-run"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=60)
+  assert done.returncode == 0, done.stderr
+  return done.stdout.strip().splitlines()
+
+
+def test_tpu_scripts_dry_run_commands():
+  v4 = ["--name", "peft", "--zone", "us-central2-b"]
+  assert dry_run("create.py", *v4, "--accelerator-type", "v4-32") == [
+      "gcloud compute tpus tpu-vm create peft --zone us-central2-b --accelerator-type v4-32 "
+      "--version tpu-ubuntu2204-base"]
+  v5e = ["--name", "q", "--zone", "us-west4-a", "--project", "proj", "--queued"]
+  assert dry_run("create.py", *v5e, "--accelerator-type", "v5litepod-16", "--spot") == [
+      "gcloud compute tpus queued-resources create q --node-id q --zone us-west4-a --project proj "
+      "--accelerator-type v5litepod-16 --runtime-version v2-alpha-tpuv5-lite --spot"]
+  assert dry_run("delete.py", *v5e) == [
+      "gcloud compute tpus queued-resources delete q --zone us-west4-a --project proj --force --quiet"]
+  archive, scp, install = dry_run("setup.py", *v4)
+  assert archive == f"git -C {ROOT} archive --format=tar.gz -o /tmp/peftjax.tar.gz HEAD"
+  assert scp == ("gcloud compute tpus tpu-vm scp /tmp/peftjax.tar.gz 'peft:~/peftjax.tar.gz' --zone us-central2-b "
+                 "--worker=all")
+  assert install.startswith("gcloud compute tpus tpu-vm ssh peft --zone us-central2-b --worker=all --command '")
+  assert 'python3 -m pip install -q "jax[tpu]==0.10.2" -e .' in install
+  (launch,) = dry_run("launch.py", *v4, "--config", "configs/lora_t5.py", "--workdir", "gs://b/run", "--",
+                      "--config.steps=2000")
+  assert launch.startswith("gcloud compute tpus tpu-vm ssh peft --zone us-central2-b --worker=all --command 'cd ~/peftjax")
+  assert launch.endswith("PEFTJAX_DIST_INIT=1 nohup python3 -m train --config configs/lora_t5.py "
+                         "--config.workdir=gs://b/run --config.steps=2000 > ~/peftjax-train.log 2>&1 & "
+                         "echo $! > ~/peftjax-train.pid'")
+  resume = dry_run("resume.py", *v4, "--accelerator-type", "v4-32", "--spot", "--config", "configs/lora_t5.py",
+                   "--workdir", "gs://b/run")
+  assert resume[0] == "gcloud compute tpus tpu-vm describe peft --zone us-central2-b '--format=value(state)'"
+  assert resume[2:4] == ["gcloud compute tpus tpu-vm delete peft --zone us-central2-b --quiet",
+                         "gcloud compute tpus tpu-vm create peft --zone us-central2-b --accelerator-type v4-32 "
+                         "--version tpu-ubuntu2204-base --spot"]
+  assert resume[5:8] == [archive, scp, install]
+  assert resume[8] == launch.replace(" --config.steps=2000", "")
