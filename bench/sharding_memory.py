@@ -2,9 +2,10 @@
 
 A Llama-shaped model (hidden 256, 4 layers, vocab 32000: 19M parameters, 75 MiB in float32) is created
 directly in its shardings (zeros under jit with out_shardings, so no device ever holds more than its share;
-the values do not change the memory), with LoRA r=16 on every linear layer and AdamW state.  For each mesh (data, fsdp, tensor) the table gives the bytes the
-fullest device holds of the frozen params (float32, and bfloat16 as stored with a bf16 base), the adapters and
-the optimizer state, and whether that fits a per-device budget of 16 MiB that the whole model does not.
+the values do not change the memory), with LoRA r=16 on every linear layer and AdamW state.  For each mesh
+(data, fsdp, tensor) the table gives the bytes the fullest device holds of the frozen params (float32, and
+bfloat16 as stored with a bf16 base), the adapters and the optimizer state, and whether that fits a per-device
+budget of 16 MiB that the whole model does not.
 Usage: python bench/sharding_memory.py [--budget-mib 16]
 """
 
@@ -80,7 +81,8 @@ def main() -> None:
         f"{n_adapters / 1e6:.2f}M adapter params; {jax.device_count()} simulated CPU devices; "
         f"{time.perf_counter() - start:.1f}s")
   print(f"MiB on the fullest device; fits = fp32 params + adapters + Adam state within {args.budget_mib:g} MiB")
-  print(f"{'mesh (data,fsdp,tensor)':>24} {'params':>9} {'bf16 base':>9} {'adapters':>9} {'adam':>9} {'total':>9}  fits")
+  header = ("mesh (data,fsdp,tensor)", "params", "bf16 base", "adapters", "adam", "total")
+  print(f"{header[0]:>24} " + " ".join(f"{h:>9}" for h in header[1:]) + "  fits")
   for mesh_shape, row in rows:
     total = row["params"] + row["adapters"] + row["opt_state"]
     print(f"{str(mesh_shape):>24} {mib(row['params'])} {mib(row['params_bf16'])} {mib(row['adapters'])} "

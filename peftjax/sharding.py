@@ -226,7 +226,7 @@ def state_shardings(tx: optax.GradientTransformation, trainable: Any, trainable_
 
 
 def _micro_batches(batch: Any, count: int, mesh: Mesh) -> Any:
-  """(count, rows / count, ...) micro-batches; micro-batch j takes rows j, j + count, ... so no row leaves its device."""
+  """(count, rows / count, ...) micro-batches; micro-batch j takes rows j, j + count, ... (no row leaves its device)."""
   def split(x):
     if x.shape[0] % count:
       raise ValueError(f"batch of {x.shape[0]} rows cannot be split into micro_batches={count}; "
@@ -253,6 +253,7 @@ def make_train_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: opt
   if micro_batches < 1:
     raise ValueError(f"micro_batches={micro_batches} must be a positive integer.")
   mesh = jax.tree.leaves(shardings["trainable"])[0].mesh
+  scalar = replicated(mesh)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
   def sums(trainable, frozen, batch, rng):
@@ -269,7 +270,7 @@ def make_train_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: opt
         part, index = xs
         part_sums = sums(trainable, frozen, part, jax.random.fold_in(rng, index))
         carry = jax.tree.map(jnp.add, carry, part_sums)
-        return jax.lax.with_sharding_constraint(carry, (replicated(mesh), replicated(mesh), shardings["trainable"])), None
+        return jax.lax.with_sharding_constraint(carry, (scalar, scalar, shardings["trainable"])), None
       zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
       parts = (_micro_batches(batch, micro_batches, mesh), jnp.arange(micro_batches))
       (total, weight, grads), _ = jax.lax.scan(accumulate, zeros, parts)
@@ -283,6 +284,5 @@ def make_train_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: opt
                  "opt_state": keep(opt_state, state["opt_state"])}
     return new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32)}
 
-  metrics = replicated(mesh)
   return jax.jit(step, in_shardings=(shardings, frozen_shardings, batch_sharding(mesh)),
-                 out_shardings=(shardings, metrics), donate_argnums=(0,) if donate else ())
+                 out_shardings=(shardings, scalar), donate_argnums=(0,) if donate else ())

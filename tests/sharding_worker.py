@@ -76,7 +76,8 @@ class Run:
     model = sharding.with_remat(model) if remat else model
     self.mesh = sharding.make_mesh(mesh_shape, devices=devices)
     self.params_shardings = sharding.param_shardings(sharding.model_logical_axes(self.model), params, self.mesh)
-    self.state_shardings = sharding.state_shardings(TX, adapters, sharding.adapter_shardings(adapters, self.params_shardings))
+    adapters_shardings = sharding.adapter_shardings(adapters, self.params_shardings)
+    self.state_shardings = sharding.state_shardings(TX, adapters, adapters_shardings)
     self.frozen = sharding.place(sharding.cast_floating(params, frozen_dtype) if frozen_dtype else params,
                                  self.params_shardings)
     state = {"step": jnp.zeros((), jnp.int32), "trainable": adapters, "opt_state": TX.init(adapters)}

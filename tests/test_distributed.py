@@ -79,7 +79,7 @@ def test_single_process_helpers(monkeypatch):
 
 
 def dry_run(script: str, *args: str) -> list[str]:
-  done = subprocess.run([sys.executable, str(ROOT / "tpu_scripts" / script), *args, "--dry-run"], cwd=ROOT,
+  done = subprocess.run([sys.executable, str(ROOT / "tpu_scripts" / script), "--dry-run", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=60)
   assert done.returncode == 0, done.stderr
   return done.stdout.strip().splitlines()
@@ -104,7 +104,8 @@ def test_tpu_scripts_dry_run_commands():
   assert 'python3 -m pip install -q "jax[tpu]==0.10.2" -e .' in install
   (launch,) = dry_run("launch.py", *v4, "--config", "configs/lora_t5.py", "--workdir", "gs://b/run", "--",
                       "--config.steps=2000")
-  assert launch.startswith("gcloud compute tpus tpu-vm ssh peft --zone us-central2-b --worker=all --command 'cd ~/peftjax")
+  assert launch.startswith("gcloud compute tpus tpu-vm ssh peft --zone us-central2-b --worker=all "
+                           "--command 'cd ~/peftjax")
   assert launch.endswith("PEFTJAX_DIST_INIT=1 nohup python3 -m train --config configs/lora_t5.py "
                          "--config.workdir=gs://b/run --config.steps=2000 > ~/peftjax-train.log 2>&1 & "
                          "echo $! > ~/peftjax-train.pid'")

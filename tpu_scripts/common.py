@@ -45,3 +45,12 @@ def run(commands: list[list[str]], dry_run: bool) -> None:
       done = subprocess.run(command)
       if done.returncode:
         sys.exit(f"command failed with exit status {done.returncode}: {shlex.join(command)}")
+
+
+def main(doc: str, commands, *option_adders) -> None:
+  """A script's entry point: parse the shared options plus those `option_adders` add, run `commands(args)`."""
+  p = parser(doc)
+  for add in option_adders:
+    add(p)
+  args = p.parse_args()
+  run(commands(args), args.dry_run)

@@ -34,7 +34,4 @@ def add_options(p) -> None:
 
 
 if __name__ == "__main__":
-  parser = common.parser(__doc__)
-  add_options(parser)
-  arguments = parser.parse_args()
-  common.run(commands(arguments), arguments.dry_run)
+  common.main(__doc__, commands, add_options)

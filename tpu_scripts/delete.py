@@ -16,5 +16,4 @@ def commands(args) -> list[list[str]]:
 
 
 if __name__ == "__main__":
-  arguments = common.parser(__doc__).parse_args()
-  common.run(commands(arguments), arguments.dry_run)
+  common.main(__doc__, commands)
