@@ -14,7 +14,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 STATE, DATA = "state", "data"
@@ -23,7 +22,7 @@ STATE, DATA = "state", "data"
 def all_finite(tree: Any) -> bool:
   """True when every floating-point leaf of `tree` is free of NaN and inf."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  return all(bool(np.isfinite(np.asarray(jax.device_get(x))).all()) for x in leaves)
+  return all(bool(jnp.isfinite(x).all()) for x in leaves)  # on device: also for arrays sharded over processes
 
 
 def _check_finite(tree: Any, what: str) -> None:
