@@ -68,7 +68,7 @@ def zoo(tmp_path_factory):
     torch_model = _torch_model(family)
     folder = str(tmp_path_factory.mktemp(family))
     torch_model.save_pretrained(folder)
-    loaded[family] = (torch_model, *pj.models.from_pretrained(folder))
+    loaded[family] = (torch_model, *pj.models.from_pretrained(folder), folder)
   return loaded
 
 
@@ -84,14 +84,13 @@ def _batch(family: str) -> dict:
 
 
 def _apply(cfg, model):
-  """fn(params, adapters, batch dict) -> logits (BERT: last hidden state), jitted."""
+  """fn(params, adapters, batch dict) -> logits (BERT: last hidden state); eager (one call each is cheaper)."""
   fn = pj.apply(cfg, model.apply)
 
   def run(params, adapters, *args):
     out = fn(params, adapters, *args)
     return out.last_hidden_state if isinstance(out, bert.EncoderOutput) else out
-  jitted = jax.jit(run)
-  return lambda params, adapters, batch: jitted(params, adapters, *batch.values())
+  return lambda params, adapters, batch: run(params, adapters, *batch.values())
 
 
 def _torch_out(model, batch) -> np.ndarray:
@@ -155,7 +154,7 @@ def _add_reference_hooks(cfg, torch_model, adapters) -> list:
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_matches_pytorch_reference(zoo, family):
-  torch_model, model, params = zoo[family]
+  torch_model, model, params, _ = zoo[family]
   batch = _batch(family)
   base = _torch_out(torch_model, batch)
   for name, make in CONFIGS.items():
@@ -170,3 +169,129 @@ def test_matches_pytorch_reference(zoo, family):
     ours = np.asarray(_apply(cfg, model)(params, adapters, batch))
     assert np.max(np.abs(expected - base)) > 1e-2, (family, name)  # the adapters matter
     assert np.max(np.abs(ours - expected)) < 1e-4, (family, name)
+
+
+def test_config_errors(zoo):
+  _, _, gpt2_params, _ = zoo["gpt2"]
+  with pytest.raises(ValueError, match=r"BnConfig.non_linearity='softmax' is not supported; valid: \['gelu', "
+                                       r"'gelu_new', 'relu', 'silu', 'swish', 'tanh'\]"):
+    bn.BnConfig(non_linearity="softmax")
+  with pytest.raises(ValueError, match=r"ParBnConfig.init_weights='zeros' is not supported; valid: "
+                                       r"\['bert', 'houlsby', 'mam_adapter'\]"):
+    bn.ParBnConfig(init_weights="zeros")
+  with pytest.raises(ValueError, match=r"BnConfig places no adapter; set at least one of \['mh_adapter', "
+                                       r"'cross_adapter', 'output_adapter'\] to True"):
+    bn.BnConfig(output_adapter=False)
+  with pytest.raises(ValueError, match=r"ParBnConfig.original_ln_before=True applies to serial adapters only"):
+    bn.ParBnConfig(original_ln_before=True)
+  with pytest.raises(ValueError, match=r"BnConfig.reduction_factor must be positive, got 0"):
+    bn.BnConfig(reduction_factor=0)
+  with pytest.raises(ValueError, match=r"DoubleSeqBnConfig.cross_adapter=True, but the parameter tree has no such "
+                                       r"sub-layer \(valid modules: \['EncDecAttention/o'\]\)"):
+    pj.init(bn.DoubleSeqBnConfig(cross_adapter=True), jax.random.key(0), gpt2_params)
+  with pytest.raises(ValueError, match=r"SeqBnConfig.original_ln_before=True puts both the attention and the FFN "
+                                       r"adapter on 'transformer/h_0'"):
+    pj.init(bn.SeqBnConfig(mh_adapter=True), jax.random.key(0), gpt2_params)
+  with pytest.raises(ValueError, match=r"BnConfig.leave_out=\(0, 1\) leaves out every layer"):
+    pj.init(bn.BnConfig(leave_out=[0, 1]), jax.random.key(0), gpt2_params)
+  no_ffn = {"embed": {"kernel": jnp.ones((4, 8))}, "block_0": {"mlp": {"fc": {"kernel": jnp.ones((8, 8))}}}}
+  with pytest.raises(ValueError, match=r"BnConfig.output_adapter=True, but the parameter tree has no such sub-layer "
+                                       r"\(valid modules: \['DenseReluDense/wo', 'mlp/c_proj', 'mlp/down_proj', "
+                                       r"'output/dense'\]\)"):
+    pj.init(bn.BnConfig(), jax.random.key(0), no_ffn)
+  adapters = pj.init(bn.BnConfig(), jax.random.key(0), gpt2_params)
+  with pytest.raises(ValueError, match=r"BnConfig cannot be merged into the weights"):
+    pj.merge(bn.BnConfig(), gpt2_params, adapters)
+
+
+@pytest.mark.parametrize("family", ["t5", "bert"])
+def test_identity_at_init_and_parameter_counts(zoo, family):
+  _, model, params, _ = zoo[family]
+  batch = _batch(family)
+  base = np.asarray(_apply(bn.BnConfig(), model)(params, {}, batch))
+  d = 32
+  for cfg, sites in [(bn.DoubleSeqBnConfig(init_weights="mam_adapter", cross_adapter=family == "t5"), (4, 10)),
+                     (bn.SeqBnConfig(init_weights="mam_adapter", bottleneck_size=5), (2, 4)),
+                     (bn.ParBnConfig(), (2, 4))]:
+    adapters = pj.init(cfg, jax.random.key(0), params)
+    m = cfg.bottleneck_size or int(d // cfg.reduction_factor)
+    n_sites = sites[family == "t5"]  # BERT: 2 layers; T5: 2 encoder + 2 decoder blocks
+    assert tree.count(adapters) == n_sites * (d * m + m + m * d + d)
+    assert len(bn.adapter_modules(adapters)) == n_sites
+    np.testing.assert_array_equal(_apply(cfg, model)(params, adapters, batch), base)
+  for init, bound in [("bert", 0.15), ("houlsby", 0.02)]:  # small weights: close to the base model
+    adapters = pj.init(bn.DoubleSeqBnConfig(init_weights=init), jax.random.key(0), params)
+    kernels = [v for p, v in tree.flatten(adapters).items() if p.endswith("kernel")]
+    assert 0 < max(float(jnp.max(jnp.abs(k))) for k in kernels) <= bound
+    assert all(not jnp.any(v) for p, v in tree.flatten(adapters).items() if p.endswith("bias"))
+
+
+def test_t5_placement_and_leave_out(zoo):
+  _, _, params, _ = zoo["t5"]
+  hosts = bn.adapter_hosts(bn.DoubleSeqBnConfig(cross_adapter=True, leave_out=(1, 2)), params)
+  assert sorted(hosts) == ["decoder/block_1/layer_0/SelfAttention", "decoder/block_1/layer_1/EncDecAttention",
+                           "decoder/block_1/layer_2/DenseReluDense", "encoder/block_0/layer_0/SelfAttention",
+                           "encoder/block_0/layer_1/DenseReluDense"]
+  hosts = bn.adapter_hosts(bn.SeqBnConfig(mh_adapter=True), params)  # the residual stream: on the T5 layers
+  assert sorted(hosts) == [f"{stack}/block_{i}/layer_{k}" for stack, ks in [("decoder", (0, 2)), ("encoder", (0, 1))]
+                           for i in range(2) for k in ks]
+
+
+def _lm_loss(cfg, model):
+  fn = pj.apply(cfg, model.apply)
+
+  def loss(adapters, params, ids, rng):
+    logits = fn(params, adapters, ids, rngs={"dropout": rng})
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+  return loss
+
+
+def test_training_lowers_the_loss_and_differentiates_only_adapters(zoo):
+  _, model, params, _ = zoo["llama"]
+  ids = jnp.asarray(_batch("llama")["input_ids"])
+  cfg = bn.DoubleSeqBnConfig(dropout=0.1)
+  adapters = pj.init(cfg, jax.random.key(0), params)
+  loss_fn = _lm_loss(cfg, model)
+  tx = optax.adam(1e-2)
+
+  @jax.jit
+  def step(adapters, opt_state, rng):
+    loss, grads = jax.value_and_grad(loss_fn)(adapters, params, ids, rng)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(adapters, updates), opt_state, loss, grads
+
+  opt_state, losses = tx.init(adapters), []
+  for i, rng in enumerate(jax.random.split(jax.random.key(2), 20)):
+    adapters, opt_state, loss, grads = step(adapters, opt_state, rng)
+    losses.append(float(loss))
+    if i == 0:  # gradients of the adapter leaves only (value_and_grad over argument 0), none of them zero
+      assert jax.tree.structure(grads) == jax.tree.structure(adapters)
+      assert all(bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads))
+  assert losses[-1] < 0.7 * losses[0]
+
+
+def test_dropout_only_with_a_dropout_rng(zoo):
+  _, model, params, _ = zoo["gpt2"]
+  ids = jnp.asarray(_batch("gpt2")["input_ids"])
+  cfg = bn.ParBnConfig(dropout=0.5)
+  adapters = _random_adapters(pj.init(cfg, jax.random.key(0), params))
+  fn = pj.apply(cfg, model.apply)
+  plain = fn(params, adapters, ids)
+  np.testing.assert_array_equal(fn(params, adapters, ids), plain)
+  assert float(jnp.max(jnp.abs(fn(params, adapters, ids, rngs={"dropout": jax.random.key(0)}) - plain))) > 1e-3
+
+
+@pytest.mark.parametrize("family,module,cfg", [("gpt2", gpt2, bn.DoubleSeqBnConfig()), ("llama", llama, bn.ParBnConfig()),
+                                                ("bert", bert, bn.SeqBnConfig(mh_adapter=True))])
+def test_scanned_models(zoo, family, module, cfg):
+  _, model, params, folder = zoo[family]
+  scanned, stacked = pj.models.from_pretrained(folder, scan_layers=True)
+  batch = _batch(family)
+  adapters = _random_adapters(pj.init(cfg, jax.random.key(0), params))
+  stacked_adapters = pj.init(cfg, jax.random.key(0), stacked)
+  assert jax.tree.map(jnp.shape, stacked_adapters) == jax.tree.map(jnp.shape, module.stack_layers(adapters))
+  expected = _apply(cfg, model)(params, adapters, batch)
+  ours = _apply(cfg, scanned)(stacked, module.stack_layers(adapters), batch)
+  assert float(jnp.max(jnp.abs(ours - expected))) < 1e-5
+  with pytest.raises(ValueError, match=r"BnConfig.leave_out=\(1,\) needs per-layer parameters"):
+    pj.init(bn.BnConfig(leave_out=(1,)), jax.random.key(0), stacked)
