@@ -141,8 +141,8 @@ def _add_reference_hooks(cfg, torch_model, adapters) -> list:
       handles.append(start.register_forward_pre_hook(
           lambda m, args, kwargs, seen=seen: seen.update(x=_first_input(args, kwargs)), with_kwargs=True))
       handles.append(module.dense.register_forward_hook(lambda m, inp, out, a=a, seen=seen: out + a(seen["x"])))
-    elif post_ln:
-      handles.append(module.dense.register_forward_hook(lambda m, inp, out, a=a: out + a(out)))
+    elif post_ln:  # after the block's dropout, before the residual add and LayerNorm
+      handles.append(module.dropout.register_forward_hook(lambda m, inp, out, a=a: out + a(out)))
     elif cfg.is_parallel:
       handles.append(module.register_forward_hook(
           lambda m, args, kwargs, out, a=a: _replace_first(out, lambda y: y + a(_first_input(args, kwargs))),
@@ -295,3 +295,18 @@ def test_scanned_models(zoo, family, module, cfg):
   assert float(jnp.max(jnp.abs(ours - expected))) < 1e-5
   with pytest.raises(ValueError, match=r"BnConfig.leave_out=\(1,\) needs per-layer parameters"):
     pj.init(bn.BnConfig(leave_out=(1,)), jax.random.key(0), stacked)
+
+
+def test_composes_with_lora(zoo):
+  """LoRA + Houlsby adapters in one call (in either order) equal the adapters alone on the LoRA-merged weights."""
+  _, model, params, _ = zoo["bert"]
+  batch = _batch("bert")
+  lora_cfg, bn_cfg = pj.LoraConfig(rank=2, targets=("query", "value", "dense")), bn.DoubleSeqBnConfig()
+  lora_adapters = _random_adapters(pj.init(lora_cfg, jax.random.key(0), params), seed=4)
+  bn_adapters = _random_adapters(pj.init(bn_cfg, jax.random.key(1), params))
+  merged = _apply(bn_cfg, model)(pj.merge(lora_cfg, params, lora_adapters), bn_adapters, batch)
+  assert float(jnp.max(jnp.abs(merged - _apply(bn_cfg, model)(params, bn_adapters, batch)))) > 1e-2
+  both = _apply([lora_cfg, bn_cfg], model)(params, (lora_adapters, bn_adapters), batch)
+  assert float(jnp.max(jnp.abs(both - merged))) < 1e-4
+  both = _apply([bn_cfg, lora_cfg], model)(params, (bn_adapters, lora_adapters), batch)  # either order
+  assert float(jnp.max(jnp.abs(both - merged))) < 1e-4

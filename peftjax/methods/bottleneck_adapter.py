@@ -20,7 +20,10 @@ module and its output projection, whose width is d).  The adapter tree mirrors t
 ``encoder/block_0/layer_1/DenseReluDense/adapter_down/{kernel,bias}`` and ``.../adapter_up/{kernel,bias}``;
 layer-stacked (scanned) trees get the stacking axes in front (*stack, d, m).  Per adapter that is
 d*m + m + m*d + d trainable numbers.  Where a model applies residual dropout outside the sub-layer module
-(T5, BERT's dense), that dropout also falls on the serial adapter's output (identical in evaluation).
+(T5), that dropout also falls on the adapter's output (identical in evaluation).
+
+Methods composed with it (e.g. LoRA on the projections) act inside the sub-layer, so the adapter sees
+their effect whatever the order of the configs.
 """
 
 from __future__ import annotations
@@ -65,8 +68,8 @@ SITES = (
     ("self_attn", "o_proj", "mh_adapter"),           # Llama, Mistral, Qwen2
     ("mlp", "down_proj", "output_adapter"),          # Llama, Mistral, Qwen2
 )
-# Linen classes of post-LN output blocks, LN(dropout(dense(h)) + residual): their serial adapter reads
-# the `dense` output (or wraps the `LayerNorm`), and their parallel adapter is added to the residual argument.
+# Linen classes of post-LN output blocks, LN(dropout(dense(h)) + residual): their serial adapter reads the
+# output of their `Dropout` (or wraps their `LayerNorm`), their parallel adapter is added to the residual argument.
 POST_LN_BLOCKS = ("BertSelfOutput", "BertOutput")
 _LAYER = re.compile(r"(?:^|/)(?:block|layer|layers|h)_(\d+)(?:/|$)")
 
@@ -273,15 +276,15 @@ def _interceptor(cfg: BnConfig):
       y = y + _adapter(cfg, module, args[0] if cfg.is_parallel else y)
       return (y, *out[1:]) if isinstance(out, tuple) else y
     parent = module.parent
-    if (cfg.is_parallel or not isinstance(parent, nn.Module) or type(parent).__name__ not in POST_LN_BLOCKS
-        or module.name != ("LayerNorm" if cfg.original_ln_before else "dense")
-        or not parent.has_variable(COLLECTION, DOWN)):
+    child = nn.LayerNorm if cfg.original_ln_before else nn.Dropout
+    if (cfg.is_parallel or not isinstance(module, child) or not isinstance(parent, nn.Module)
+        or type(parent).__name__ not in POST_LN_BLOCKS or not parent.has_variable(COLLECTION, DOWN)):
       return next_fun(*args, **kwargs)
     if cfg.original_ln_before:  # LN(z + a(LN(z))) with z = dropout(dense(h)) + residual
       z = args[0]
       normed = module.clone(parent=None).apply({"params": module.variables["params"]}, z)  # a second LN call
       return next_fun(z + _adapter(cfg, parent, normed))
-    y = next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)  # dropout(dense(h))
     return y + _adapter(cfg, parent, y)
   return intercept
 
