@@ -13,7 +13,11 @@ AdapterHub's (`adapters` package) names for the switches:
   residual stream after the sub-layer, z = x + h: pre-LN models (T5, GPT-2, Llama) give z + a(z), post-LN
   blocks (BERT, RoBERTa: LN(z)) give LN(z + a(LN(z))), the block's own LayerNorm applied again.
 * parallel (He et al. 2022; AdapterHub `par_bn`, `is_parallel=True`, s = 4): from the sub-layer's input x,
-  h <- h + s * a(x) (x is what the sub-layer module receives: after the pre-LN norm in T5 / GPT-2 / Llama).
+  h <- h + s * a(x).  x is what the sub-layer module receives: in pre-LN models (T5, GPT-2, Llama) the
+  normalised stream, where AdapterHub feeds the stream before the norm; in BERT the block's input.
+
+Presets (dataclass subclasses of `BnConfig`): `SeqBnConfig` = `PfeifferConfig`, `DoubleSeqBnConfig` =
+`HoulsbyConfig`, `ParBnConfig` = `ParallelConfig`, with AdapterHub's defaults.
 
 Where each adapter goes is found per model family from the parameter names (`SITES`: the sub-layer
 module and its output projection, whose width is d).  The adapter tree mirrors the module paths, e.g.
