@@ -281,8 +281,9 @@ def test_dropout_only_with_a_dropout_rng(zoo):
   assert float(jnp.max(jnp.abs(fn(params, adapters, ids, rngs={"dropout": jax.random.key(0)}) - plain))) > 1e-3
 
 
-@pytest.mark.parametrize("family,module,cfg", [("gpt2", gpt2, bn.DoubleSeqBnConfig()), ("llama", llama, bn.ParBnConfig()),
-                                                ("bert", bert, bn.SeqBnConfig(mh_adapter=True))])
+@pytest.mark.parametrize("family,module,cfg", [("gpt2", gpt2, bn.DoubleSeqBnConfig()),
+                                               ("llama", llama, bn.ParBnConfig()),
+                                               ("bert", bert, bn.SeqBnConfig(mh_adapter=True))])
 def test_scanned_models(zoo, family, module, cfg):
   _, model, params, folder = zoo[family]
   scanned, stacked = pj.models.from_pretrained(folder, scan_layers=True)
