@@ -144,12 +144,24 @@ def _max_diff(a, b) -> float:
 
 
 def _compare(kind: str, checkpoints, cfg) -> tuple[float, np.ndarray, np.ndarray]:
-  """(max |ours - peft| over the real tokens, ours, plain model's) for `cfg` on `kind`."""
+  """(max |ours - peft| over the real tokens, ours, plain model's) for `cfg` on `kind`.
+
+  Also checks the trainable parameter count against peft's, and that the folded prompt (what peft saves)
+  equals peft's and gives the same outputs.
+  """
   model, params, adapters = _ours(kind, checkpoints, cfg)
   batch = _batch(kind)
   ours = np.asarray(_adapted(cfg, model)(params, adapters, **batch))
-  theirs = _torch_outputs(_peft_model(kind, cfg, adapters), batch)
+  torch_model = _peft_model(kind, cfg, adapters)
+  theirs = _torch_outputs(torch_model, batch)
   plain = np.asarray(model.apply({"params": params}, **batch))
+  head = ptree.count(params.get("classifier", {})) if kind.endswith("_seq") else 0  # peft trains the head too
+  assert torch_model.get_nb_trainable_parameters()[0] == ptree.count(adapters) + head
+  if hasattr(pj.api.method_module(cfg), "fold"):
+    plain_cfg, folded = pj.api.method_module(cfg).fold(cfg, adapters)
+    saved = torch_model.get_prompt_embedding_to_save("default").numpy()
+    assert _max_diff(jax.tree.leaves(folded)[0], saved) < 1e-5
+    assert _max_diff(_adapted(plain_cfg, model)(params, folded, **batch), ours) < 1e-5
   if kind in ("gpt2", "llama", "bert_tok"):
     if not isinstance(cfg, prefix_tuning.PrefixTuningConfig):  # peft returns the virtual positions too
       assert theirs.shape[1] == ours.shape[1] + cfg.num_virtual_tokens
@@ -168,10 +180,87 @@ METHODS = {
 }
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("kind", ["bert_seq", "t5", "gpt2", "llama"])
+CASES = [(kind, method) for kind in ("bert_seq", "t5", "gpt2", "llama") for method in ("prompt", "prefix", "p_v2")] + [
+    ("bert_seq", "p_mlp"), ("llama", "p_mlp"), ("t5", "p_lstm"), ("gpt2", "p_lstm"), ("bert_tok", "p_v2"),
+    ("bert_tok", "prompt"), ("roberta_seq", "prompt"), ("roberta_seq", "prefix")]
+
+
+@pytest.mark.parametrize("kind,method", CASES)
 def test_logits_match_hf_peft(checkpoints, kind, method):
+  """Same prompt weights, same logits (peft's extra virtual positions dropped); trainable counts equal peft's;
+  the folded prompt equals what peft saves and gives the same logits."""
   cfg = METHODS[method]
   diff, ours, plain = _compare(kind, checkpoints, cfg)
   assert diff < 1e-4
   assert _max_diff(ours, plain) > 1e-2  # the prompts change the outputs
+
+
+def _greedy_without_cache(apply, input_ids, attention_mask, steps: int) -> np.ndarray:
+  """Greedy tokens from full forward passes over the growing (left-padded) sequence, positions counting real tokens."""
+  ids, mask, new = np.asarray(input_ids), np.asarray(attention_mask), []
+  for _ in range(steps):
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    token = np.argmax(np.asarray(apply(ids, mask, positions))[:, -1], axis=-1)
+    new.append(token)
+    ids, mask = np.concatenate([ids, token[:, None]], 1), np.concatenate([mask, np.ones_like(mask[:, :1])], 1)
+  return np.stack(new, 1)
+
+
+def _left_padded(kind: str) -> dict:
+  batch = _batch("llama" if kind == "llama" else kind)
+  if kind == "gpt2":  # move the padding to the left
+    order = np.argsort(batch["attention_mask"], axis=1, kind="stable")
+    batch = {k: np.take_along_axis(v, order, 1) for k, v in batch.items()}
+  return batch
+
+
+@pytest.mark.parametrize("kind,method", [("gpt2", "prompt"), ("llama", "p_v2")])
+def test_decoder_generation_with_cache_matches_no_cache_and_peft(checkpoints, kind, method):
+  """Left-padded generation through the KV cache equals full forward passes, does not depend on the padding,
+  and equals peft's generate where peft's positions agree (peft drops position_ids for prompt-style methods,
+  so with left padding its positions count the padding; ours count only real tokens, as HF generate does)."""
+  cfg = METHODS[method]
+  model, params, adapters = _ours(kind, checkpoints, cfg)
+  family = gpt2 if kind == "gpt2" else llama
+  batch = _left_padded(kind)
+  adapted = pj.apply(cfg, model.apply)
+  apply_fn = lambda p, *a, **kw: adapted(p[0], p[1], *a, **kw)  # noqa: E731
+
+  def generate(ids, mask, adapted_params=(params, adapters), fn=apply_fn):
+    return np.asarray(family.generate(model, adapted_params, ids, mask, max_new_tokens=5, eos_token_id=-1,
+                                      apply_fn=fn))
+
+  tokens = generate(batch["input_ids"], batch["attention_mask"])
+  full = jax.jit(lambda ids, mask, positions: adapted(params, adapters, ids, mask, positions))
+  assert np.array_equal(tokens, _greedy_without_cache(full, batch["input_ids"], batch["attention_mask"], 5))
+  assert not np.array_equal(tokens, generate(batch["input_ids"], batch["attention_mask"], params, None))
+  alone = batch["attention_mask"][2].astype(bool)
+  assert np.array_equal(tokens[2:], generate(batch["input_ids"][2:, alone], batch["attention_mask"][2:, alone]))
+  torch_model = _peft_model(kind, cfg, adapters)
+  unpadded = np.random.default_rng(5).integers(3, KINDS[kind][1].vocab_size, (2, 6))
+  with torch.no_grad():
+    theirs = torch_model.generate(input_ids=torch.tensor(unpadded), attention_mask=torch.ones(2, 6, dtype=torch.long),
+                                  max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
+  assert np.array_equal(generate(unpadded, np.ones_like(unpadded)), theirs[:, -5:])
+
+
+@pytest.mark.parametrize("method", ["p_lstm", "prefix"])
+def test_t5_generation_matches_peft_and_no_cache(checkpoints, method):
+  cfg = METHODS[method]
+  model, params, adapters = _ours("t5", checkpoints, cfg)
+  batch = _batch("t5")
+  adapted = pj.apply(cfg, model.apply)
+  apply_fn = lambda p, *a, **kw: adapted(p[0], p[1], *a, **kw)  # noqa: E731
+  tokens = np.asarray(t5.generate(model, (params, adapters), batch["input_ids"], batch["attention_mask"],
+                                  max_new_tokens=5, eos_token_id=-1, apply_fn=apply_fn))
+  decoder_ids = np.zeros((3, 1), np.int64)
+  full = jax.jit(lambda d: adapted(params, adapters, batch["input_ids"], batch["attention_mask"], d))
+  for _ in range(5):
+    decoder_ids = np.concatenate([decoder_ids, np.argmax(np.asarray(full(decoder_ids))[:, -1], -1)[:, None]], 1)
+  assert np.array_equal(tokens, decoder_ids[:, 1:])
+  torch_model = _peft_model("t5", cfg, adapters)
+  with torch.no_grad():
+    theirs = torch_model.generate(input_ids=torch.tensor(batch["input_ids"]),
+                                  attention_mask=torch.tensor(batch["attention_mask"]), max_new_tokens=5,
+                                  do_sample=False, eos_token_id=None, min_new_tokens=5).numpy()
+  assert np.array_equal(tokens, theirs[:, 1:])

@@ -131,6 +131,15 @@ def prefix_kv(table: jax.Array, head_dim: int, layers: int, batch: int) -> list[
 
 def _add_prefixes(cfg: PrefixTuningConfig, table: jax.Array, layout, module, method: str, args: dict, call):
   """Runs a top-level model call with the prefixes in its prefix_kv arguments."""
+  if isinstance(module, t5.T5ForConditionalGeneration):
+    names = {"__call__": {"encoder_prefix_kv": "encoder", "decoder_prefix_kv": "decoder"},
+             "encode": {"prefix_kv": "encoder"}, "decode": {"prefix_kv": "decoder"},
+             "decode_step": {"prefix_kv": "decoder"}}.get(method, {})
+    names = {arg: stack for arg, stack in names.items() if stack in dict(layout)}
+  else:
+    names = {"prefix_kv": None} if method in ("__call__", "decode") else {}
+  if not names:
+    return call(args)
   head_dim = getattr(module.config, "d_kv", None) or module.config.head_dim
   width = table.shape[1] // (2 * sum(layers for _, layers in layout))
   batch = next(args[name].shape[0] for name in ("input_ids", "inputs_embeds", "decoder_input_ids", "token_ids")
@@ -140,13 +149,6 @@ def _add_prefixes(cfg: PrefixTuningConfig, table: jax.Array, layout, module, met
     pairs = prefix_kv(table[:, start:start + 2 * layers * width], head_dim, layers, batch)
     kv[stack] = [pairs[2 * i % layers] for i in range(layers)] if stack == "decoder" else pairs
     start += 2 * layers * width
-  if isinstance(module, t5.T5ForConditionalGeneration):
-    names = {"__call__": {"encoder_prefix_kv": "encoder", "decoder_prefix_kv": "decoder"},
-             "encode": {"prefix_kv": "encoder"}, "decode": {"prefix_kv": "decoder"},
-             "decode_step": {"prefix_kv": "decoder"}}.get(method, {})
-    names = {arg: stack for arg, stack in names.items() if stack in kv}
-  else:
-    names = {"prefix_kv": None} if method in ("__call__", "decode") else {}
   for arg, stack in names.items():
     if args.get(arg) is not None:
       raise ValueError(f"{type(cfg).__name__} supplies {arg} itself; call the adapted model without {arg}.")
