@@ -264,3 +264,143 @@ def test_t5_generation_matches_peft_and_no_cache(checkpoints, method):
                                   attention_mask=torch.tensor(batch["attention_mask"]), max_new_tokens=5,
                                   do_sample=False, eos_token_id=None, min_new_tokens=5).numpy()
   assert np.array_equal(tokens, theirs[:, 1:])
+
+
+@pytest.mark.parametrize("kind", ["bert_seq", "gpt2"])
+def test_placeholders_at_the_front_equal_prepending_and_templates_insert_in_order(checkpoints, kind):
+  """P-tuning templates: placeholder ids at the front (mask 1, token type 0) reproduce PEFT's prepending; in
+  the middle of a template, placeholder j of a row gets virtual token j; rows need exactly k placeholders."""
+  prepend = p_tuning.PTuningConfig(K, encoder_hidden_size=24)
+  template = dataclasses.replace(prepend, placeholder_token_id=-1)
+  model, params, adapters = _ours(kind, checkpoints, prepend)
+  batch = _batch(kind)
+  front = {name: np.concatenate([np.full((3, K), -1 if name == "input_ids" else int(name == "attention_mask")),
+                                 value], 1) for name, value in batch.items()}
+  expected = np.asarray(_adapted(prepend, model)(params, adapters, **batch))
+  ours = np.asarray(_adapted(template, model)(params, adapters, **front))
+  assert _max_diff(ours[:, K:] if kind == "gpt2" else ours, expected) < 1e-5
+
+  ids = batch["input_ids"].copy()
+  slots = np.array([[0, 2, 3, 5], [1, 2, 4, 5], [0, 1, 2, 7]])  # row 2 has 3 tokens: the rest pads, still placeholders
+  np.put_along_axis(ids, slots, -1, 1)
+  mask = batch["attention_mask"].copy()
+  np.put_along_axis(mask, slots, 1, 1)
+  prompts = np.asarray(p_tuning.virtual_tokens(prepend, adapters))
+  table = np.asarray(prompt_tuning.word_embeddings(params))
+  embeds = table[np.maximum(ids, 0)]
+  embeds[np.arange(3)[:, None], slots] = prompts[None]
+  inputs = {k: v for k, v in batch.items() if k != "input_ids"} | {"attention_mask": mask}
+  expected = np.asarray(model.apply({"params": params}, **inputs, inputs_embeds=embeds))
+  if kind.startswith("bert"):  # same positions from ids (RoBERTa would count padding differently from embeddings)
+    ours = np.asarray(_adapted(template, model)(params, adapters, ids, **inputs))
+  else:
+    ours = np.asarray(_adapted(template, model)(params, adapters, ids, mask))
+  assert _max_diff(ours, expected) < 1e-5
+  ids[0, 0] = 5
+  with pytest.raises(ValueError, match="holds 3 placeholder ids .* exactly num_virtual_tokens=4"):
+    pj.apply(template, model.apply)(params, adapters, ids, mask)
+  with pytest.raises(ValueError, match="pass input_ids"):
+    pj.apply(template, model.apply)(params, adapters, inputs_embeds=embeds)
+
+
+def test_placeholder_generation_matches_no_cache(checkpoints):
+  cfg = p_tuning.PTuningConfig(K, encoder_type="lstm", encoder_hidden_size=12, placeholder_token_id=-1)
+  model, params, adapters = _ours("gpt2", checkpoints, cfg)
+  batch = _left_padded("gpt2")
+  ids, mask = batch["input_ids"].copy(), batch["attention_mask"]
+  ids[:, -7:-3] = np.where(mask[:, -7:-3] == 1, -1, ids[:, -7:-3])  # 4 placeholders inside the real tokens of rows 0, 1
+  ids, mask = ids[:2], mask[:2]
+  adapted = pj.apply(cfg, model.apply)
+  tokens = np.asarray(gpt2.generate(model, (params, adapters), ids, mask, max_new_tokens=4, eos_token_id=-1,
+                                    apply_fn=lambda p, *a, **kw: adapted(p[0], p[1], *a, **kw)))
+  full = jax.jit(lambda i, m, positions: adapted(params, adapters, i, m, positions))
+  assert np.array_equal(tokens, _greedy_without_cache(full, ids, mask, 4))
+
+
+def test_init_text_and_sample_vocab_match_peft(checkpoints, tmp_path):
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "great", "movie", "terrible", "plot"] + [
+      f"w{i}" for i in range(90)]
+  (tmp_path / "vocab.txt").write_text("\n".join(vocab))
+  transformers.BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(str(tmp_path / "tok"))
+  text = "great movie , terrible plot"
+  model, params = pj.models.from_pretrained(checkpoints("bert_seq"))
+  for k in (3, 11):  # cut and repeated
+    cfg = prompt_tuning.PromptTuningConfig(k, init="text", init_text=text, tokenizer=str(tmp_path / "tok"))
+    ours = pj.init(cfg, jax.random.key(0), params)["prompt_embeddings"]
+    theirs = peft.get_peft_model(_torch_model("bert_seq"), peft.PromptTuningConfig(
+        task_type="SEQ_CLS", num_virtual_tokens=k, prompt_tuning_init="TEXT", prompt_tuning_init_text=text,
+        tokenizer_name_or_path=str(tmp_path / "tok"))).prompt_encoder["default"].embedding.weight
+    assert _max_diff(ours, theirs.detach().numpy()) < 1e-6
+  cfg = prompt_tuning.PromptTuningConfig(6, init="sample_vocab")
+  sampled = np.asarray(pj.init(cfg, jax.random.key(0), params)["prompt_embeddings"])
+  table = np.asarray(prompt_tuning.word_embeddings(params))
+  assert all(np.any(np.all(table == row, axis=1)) for row in sampled)
+  with pytest.raises(ValueError, match="init='text' needs init_text"):
+    prompt_tuning.PromptTuningConfig(4, init="text")
+  with pytest.raises(ValueError, match="init='vocab' is not valid"):
+    prompt_tuning.PromptTuningConfig(4, init="vocab")
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match="num_virtual_tokens must be at least 1"):
+    p_tuning.PTuningConfig(0)
+  with pytest.raises(ValueError, match="encoder_type='gru' is not valid"):
+    p_tuning.PTuningConfig(4, encoder_type="gru")
+  with pytest.raises(ValueError, match="stacks=.*'cross'.* is not valid"):
+    prefix_tuning.PrefixTuningConfig(4, stacks=("cross",))
+  with pytest.raises(ValueError, match="PTuningV2Config.projection must be False"):
+    prefix_tuning.PTuningV2Config(4, projection=True)
+  with pytest.raises(ValueError, match="num_transformer_submodules=3 is not valid"):
+    prompt_tuning.PromptTuningConfig(4, num_transformer_submodules=3)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_short_training_lowers_the_loss(checkpoints, method):
+  """A few Adam steps on the adapter tree alone (the base is never differentiated) teach GPT-2 a small task:
+  predict token 7 after every token."""
+  cfg = METHODS[method]
+  model, params, adapters = _ours("gpt2", checkpoints, cfg)
+  batch = _batch("gpt2")
+  adapted = pj.apply(cfg, model.apply)
+
+  def loss_fn(adapters):
+    logits = adapted(params, adapters, batch["input_ids"], batch["attention_mask"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.full(logits.shape[:2], 7))
+    weights = batch["attention_mask"]
+    return jnp.sum(losses * weights) / jnp.sum(weights)
+
+  tx = optax.adam(0.1)
+
+  @jax.jit
+  def step(adapters, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(adapters)
+    updates, opt_state = tx.update(grads, opt_state)
+    return optax.apply_updates(adapters, updates), opt_state, loss
+
+  opt_state, losses = tx.init(adapters), []
+  for _ in range(10):
+    adapters, opt_state, loss = step(adapters, opt_state)
+    losses.append(float(loss))
+  assert losses[-1] < losses[0] - 0.1  # a random tiny model: the prompts alone move it only so far
+
+
+def test_t5_hooks(checkpoints):
+  """inputs_embeds equal input_ids; empty prefixes change nothing; encoder prefixes move the encoder output."""
+  model, params = pj.models.from_pretrained(checkpoints("t5"))
+  batch = _batch("t5")
+  plain = np.asarray(model.apply({"params": params}, **batch))
+  embeds = np.asarray(params["shared"]["embedding"])[batch["input_ids"]]
+  inputs = {k: v for k, v in batch.items() if k != "input_ids"}
+  assert _max_diff(model.apply({"params": params}, **inputs, inputs_embeds=embeds), plain) < 1e-6
+  empty = [(np.zeros((1, 0, 4, 8), np.float32),) * 2] * 2
+  assert _max_diff(model.apply({"params": params}, **batch, encoder_prefix_kv=empty, decoder_prefix_kv=empty),
+                   plain) == 0.0
+  cfg = prefix_tuning.PTuningV2Config(K, stacks=("encoder", "decoder"))
+  adapters = pj.init(cfg, jax.random.key(0), params)
+  assert adapters["embedding"].shape == (K, 2 * 2 * 2 * 32)
+  both = np.asarray(pj.apply(cfg, model.apply)(params, adapters, **batch))
+  decoder_only = np.asarray(pj.apply(dataclasses.replace(cfg, stacks=("decoder",)), model.apply)(
+      params, {"embedding": adapters["embedding"][:, 128:]}, **batch))
+  assert _max_diff(both, decoder_only) > 1e-2
+  with pytest.raises(ValueError, match="encoder prefix_kv has 1 .* the encoder has 2 blocks"):
+    model.apply({"params": params}, **batch, encoder_prefix_kv=empty[:1])
