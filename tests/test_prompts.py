@@ -155,7 +155,7 @@ def _compare(kind: str, checkpoints, cfg) -> tuple[float, np.ndarray, np.ndarray
   torch_model = _peft_model(kind, cfg, adapters)
   theirs = _torch_outputs(torch_model, batch)
   plain = np.asarray(model.apply({"params": params}, **batch))
-  head = ptree.count(params.get("classifier", {})) if kind.endswith("_seq") else 0  # peft trains the head too
+  head = ptree.count(params.get("classifier", {}))  # peft trains the classification head too (modules_to_save)
   assert torch_model.get_nb_trainable_parameters()[0] == ptree.count(adapters) + head
   if hasattr(pj.api.method_module(cfg), "fold"):
     plain_cfg, folded = pj.api.method_module(cfg).fold(cfg, adapters)
