@@ -13,8 +13,10 @@ Where the virtual tokens go (shared with P-tuning, `peftjax.methods.p_tuning`):
   Per-token outputs (decoder logits, BERT token logits and hidden states) come back without the k
   virtual positions, aligned with the inputs; pooled outputs read the first virtual token, as in PEFT.
   Generation works through the model's `generate` with `apply_fn` (the virtual tokens enter the key/value
-  cache at the prefill: a `decode` call whose cache is as long as its attention mask).  T5's encoder
-  gets the virtual tokens; `decode` / `decode_step` see the extended encoder mask.
+  cache at the prefill: a `decode` call whose cache is as long as its attention mask); the tokens'
+  positions count real tokens only, after the k virtual ones, so left padding does not change a row's
+  result (PEFT's generate drops position_ids for prompt methods, so its left-padded positions count the
+  padding).  T5's encoder gets the virtual tokens; `decode` / `decode_step` see the extended encoder mask.
 - `placeholder_token_id` set (P-tuning templates): the caller writes that id at the places where virtual
   tokens go, and the j-th placeholder of a row gets virtual token j; each row holds exactly k
   placeholders (or none, e.g. decoder inputs and generated tokens).  The id needs no vocabulary entry
