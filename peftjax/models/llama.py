@@ -447,12 +447,14 @@ class LlamaForCausalLM(nn.Module):
                              deterministic)
     return self.logits(hidden)
 
-  def decode(self, input_ids, attention_mask, position_ids, cache, cache_index, prefix_kv=None):
+  def decode(self, input_ids, attention_mask, position_ids, cache, cache_index, prefix_kv=None, inputs_embeds=None):
     """Logits (batch, vocab) of the last of `input_ids` written at cache slots cache_index..., and the new cache.
 
-    attention_mask (batch, cache length) marks the cache slots that hold tokens (not padding).
+    attention_mask (batch, cache length) marks the cache slots that hold tokens (not padding).  With
+    input_ids None, `inputs_embeds` (batch, length, hidden) are the inputs.
     """
-    hidden, cache = self._hidden(input_ids, None, attention_mask, position_ids, prefix_kv, cache, cache_index, True)
+    hidden, cache = self._hidden(input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, cache,
+                                 cache_index, True)
     return self.logits(hidden[:, -1]), cache
 
 

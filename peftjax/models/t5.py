@@ -11,6 +11,13 @@ Parameter paths mirror the PyTorch module names, e.g.
 ``encoder/block_0/layer_0/SelfAttention/q/kernel`` is ``encoder.block.0.layer.0.SelfAttention.q.weight``
 and every projection is a bias-free `nn.Dense`, so LoRA targets ("q", "v", "wi_0", ...) work as in
 Hugging Face PEFT.
+
+Hooks for prompt methods: `inputs_embeds` replaces the encoder's token embeddings; `encoder_prefix_kv` /
+`decoder_prefix_kv` (one (key, value) pair per block of that stack, each (batch or 1, n_prefix, num_heads,
+d_kv)) are prepended to every self-attention's keys and values and always attended.  As in transformers'
+T5 given past_key_values, the prefix occupies positions 0..n_prefix-1 and the tokens follow it, so the
+relative position bias sees queries at n_prefix + i over keys 0..n_prefix + length - 1.  Hugging Face PEFT
+prefix tuning gives T5 decoder prefixes only (its encoder never receives past_key_values).
 """
 
 from __future__ import annotations
@@ -207,8 +214,9 @@ class T5LayerSelfAttention(nn.Module):
     self.layer_norm = T5LayerNorm(self.config.layer_norm_epsilon, **kw)
     self.dropout = nn.Dropout(self.config.dropout_rate)
 
-  def __call__(self, x, mask, position_bias, deterministic: bool, cache=None, position=None):
-    """With `cache` ({'k', 'v'} of the whole decoder length), writes this step's keys/values at `position`."""
+  def __call__(self, x, mask, position_bias, deterministic: bool, cache=None, position=None, prefix_kv=None):
+    """With `cache` ({'k', 'v'} of the whole decoder length), writes this step's keys/values at `position`;
+    `prefix_kv` (keys, values) go in front of the keys and values (after the cache update)."""
     h = self.layer_norm(x)
     keys, values = self.SelfAttention.key_value(h)
     if cache is not None:
@@ -216,6 +224,10 @@ class T5LayerSelfAttention(nn.Module):
       keys = jax.lax.dynamic_update_slice(cache["k"], keys.astype(cache["k"].dtype), start)
       values = jax.lax.dynamic_update_slice(cache["v"], values.astype(cache["v"].dtype), start)
       cache = {"k": keys, "v": values}
+    if prefix_kv is not None:
+      batch = keys.shape[0]
+      keys, values = (jnp.concatenate([jnp.broadcast_to(p, (batch, *p.shape[1:])).astype(t.dtype), t], axis=1)
+                      for p, t in zip(prefix_kv, (keys, values)))
     out = self.SelfAttention(h, (keys, values), mask, position_bias, deterministic)
     return x + self.dropout(out, deterministic=deterministic), cache
 
@@ -287,8 +299,8 @@ class T5Block(nn.Module):
     self.layer = layers + [T5LayerFF(self.config, **kw)]
 
   def __call__(self, x, mask, position_bias, deterministic: bool, cross_key_value=None, cross_mask=None,
-               cache=None, position=None):
-    x, cache = self.layer[0](x, mask, position_bias, deterministic, cache, position)
+               cache=None, position=None, prefix_kv=None):
+    x, cache = self.layer[0](x, mask, position_bias, deterministic, cache, position, prefix_kv)
     if self.is_decoder:
       x = self.layer[1](x, cross_key_value, cross_mask, deterministic)
     return self.layer[-1](x, deterministic), cache
@@ -315,16 +327,30 @@ class T5Stack(nn.Module):
     return [block.layer[1].EncDecAttention.key_value(encoder_hidden_states) for block in self.block]
 
   def __call__(self, embeddings, mask, deterministic: bool, cross_key_values=None, cross_mask=None,
-               cache=None, position=0):
-    """Hidden states (and the updated self-attention cache) for `embeddings` at positions position, position+1, ..."""
+               cache=None, position=0, prefix_kv=None):
+    """Hidden states (and the updated self-attention cache) for `embeddings` at positions position, position+1, ...
+
+    `prefix_kv`: per block (keys, values), each (batch or 1, n_prefix, heads, d_kv), attended before the
+    tokens, which then sit at positions n_prefix + position, ... for the relative position bias.
+    """
     length = embeddings.shape[1]
     key_length = cache[0]["k"].shape[1] if cache is not None else length
-    bias = self.block[0].layer[0].SelfAttention.position_bias(position + jnp.arange(length), key_length)
+    n_prefix = 0
+    if prefix_kv is not None:
+      if len(prefix_kv) != len(self.block):
+        stack = "decoder" if self.is_decoder else "encoder"
+        raise ValueError(f"{stack} prefix_kv has {len(prefix_kv)} (key, value) pairs; the {stack} has "
+                         f"{len(self.block)} blocks, one pair per block.")
+      n_prefix = prefix_kv[0][0].shape[1]
+      mask = jnp.concatenate([jnp.ones((*mask.shape[:3], n_prefix), bool), mask], axis=-1)
+    bias = self.block[0].layer[0].SelfAttention.position_bias(n_prefix + position + jnp.arange(length),
+                                                              n_prefix + key_length)
     x = self.dropout(embeddings, deterministic=deterministic)
     new_cache = []
     for i, block in enumerate(self.block):
       x, layer_cache = block(x, mask, bias, deterministic, cross_key_values[i] if self.is_decoder else None,
-                             cross_mask, cache[i] if cache is not None else None, position)
+                             cross_mask, cache[i] if cache is not None else None, position,
+                             None if prefix_kv is None else prefix_kv[i])
       new_cache.append(layer_cache)
     x = self.dropout(self.final_layer_norm(x), deterministic=deterministic)
     return x, (new_cache if cache is not None else None)
@@ -351,9 +377,18 @@ class T5ForConditionalGeneration(nn.Module):
     if not c.tie_word_embeddings:
       self.lm_head = _dense(c.vocab_size, ("embed", "vocab"), c.d_model ** -0.5, name="lm_head", **kw)
 
-  def encode(self, input_ids, attention_mask, deterministic: bool = True):
-    """Encoder output (batch, length, d_model); attention_mask is 1 for real tokens, 0 for padding."""
-    hidden, _ = self.encoder(self.shared(input_ids), _padding_mask(attention_mask), deterministic)
+  def encode(self, input_ids=None, attention_mask=None, deterministic: bool = True, inputs_embeds=None,
+             prefix_kv=None):
+    """Encoder output (batch, length, d_model) of input_ids or inputs_embeds (batch, length, d_model).
+
+    attention_mask is 1 for real tokens, 0 for padding (all ones when None); prefix_kv: the encoder's.
+    """
+    if (input_ids is None) == (inputs_embeds is None):
+      raise ValueError("T5ForConditionalGeneration takes exactly one of input_ids and inputs_embeds.")
+    embeddings = self.shared(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
+    if attention_mask is None:
+      attention_mask = jnp.ones(embeddings.shape[:2], jnp.int32)
+    hidden, _ = self.encoder(embeddings, _padding_mask(attention_mask), deterministic, prefix_kv=prefix_kv)
     return hidden
 
   def logits(self, decoder_hidden_states):
@@ -365,21 +400,28 @@ class T5ForConditionalGeneration(nn.Module):
     return self.lm_head(decoder_hidden_states)
 
   def decode(self, decoder_input_ids, encoder_hidden_states, attention_mask, decoder_attention_mask=None,
-             deterministic: bool = True):
-    """Logits for a whole (causally masked) decoder sequence given the encoder output and its mask."""
+             deterministic: bool = True, prefix_kv=None):
+    """Logits for a whole (causally masked) decoder sequence given the encoder output and its mask.
+
+    prefix_kv: the decoder's (per block (keys, values)); attention_mask None means no encoder padding.
+    """
     length = decoder_input_ids.shape[1]
     mask = jnp.tril(jnp.ones((length, length), bool))[None, None]
     if decoder_attention_mask is not None:
       mask = mask & _padding_mask(decoder_attention_mask)
+    if attention_mask is None:
+      attention_mask = jnp.ones(encoder_hidden_states.shape[:2], jnp.int32)
     hidden, _ = self.decoder(self.shared(decoder_input_ids), mask, deterministic,
-                             self.decoder.cross_key_values(encoder_hidden_states), _padding_mask(attention_mask))
+                             self.decoder.cross_key_values(encoder_hidden_states), _padding_mask(attention_mask),
+                             prefix_kv=prefix_kv)
     return self.logits(hidden)
 
-  def __call__(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None,
-               deterministic: bool = True):
-    encoder_hidden_states = self.encode(input_ids, attention_mask, deterministic)
+  def __call__(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
+               deterministic: bool = True, inputs_embeds=None, encoder_prefix_kv=None, decoder_prefix_kv=None):
+    """Decoder logits; the encoder reads input_ids or inputs_embeds (see `encode`, `decode` and the hooks above)."""
+    encoder_hidden_states = self.encode(input_ids, attention_mask, deterministic, inputs_embeds, encoder_prefix_kv)
     return self.decode(decoder_input_ids, encoder_hidden_states, attention_mask, decoder_attention_mask,
-                       deterministic)
+                       deterministic, decoder_prefix_kv)
 
   def init_cache(self, encoder_hidden_states, max_length: int) -> dict:
     """Decoding cache: encoder keys/values per block ('cross') and empty self-attention keys/values ('self')."""
@@ -389,12 +431,15 @@ class T5ForConditionalGeneration(nn.Module):
              for _ in range(c.num_decoder_layers)]
     return {"cross": self.decoder.cross_key_values(encoder_hidden_states), "self": empty}
 
-  def decode_step(self, token_ids, position, cache, attention_mask):
-    """Logits (batch, vocab) for token_ids (batch, 1) at decoder `position`, and the updated cache."""
+  def decode_step(self, token_ids, position, cache, attention_mask, prefix_kv=None):
+    """Logits (batch, vocab) for token_ids (batch, 1) at decoder `position`, and the updated cache.
+
+    prefix_kv: the decoder's, passed at every step (the cache holds only the tokens).
+    """
     max_length = cache["self"][0]["k"].shape[1]
     mask = (jnp.arange(max_length) <= position)[None, None, None, :]
     hidden, self_cache = self.decoder(self.shared(token_ids), mask, True, cache["cross"],
-                                      _padding_mask(attention_mask), cache["self"], position)
+                                      _padding_mask(attention_mask), cache["self"], position, prefix_kv)
     return self.logits(hidden)[:, -1], {"cross": cache["cross"], "self": self_cache}
 
 
@@ -449,15 +494,19 @@ def save_pretrained(model: T5ForConditionalGeneration, params: dict, folder: str
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "apply_fn"))
-def _generate(model, params, input_ids, attention_mask, eos, rng, max_new_tokens, temperature, top_k, top_p, apply_fn):
+def _generate(model, params, input_ids, attention_mask, eos, rng, encoder_prefix_kv, decoder_prefix_kv, max_new_tokens,
+              temperature, top_k, top_p, apply_fn):
   c = model.config
   call = apply_fn or (lambda p, *args, **kwargs: model.apply({"params": p}, *args, **kwargs))
-  encoder_hidden_states = call(params, input_ids, attention_mask, method="encode")
+  encoder_kwargs = {} if encoder_prefix_kv is None else {"prefix_kv": encoder_prefix_kv}
+  decoder_kwargs = {} if decoder_prefix_kv is None else {"prefix_kv": decoder_prefix_kv}
+  encoder_hidden_states = call(params, input_ids, attention_mask, method="encode", **encoder_kwargs)
   cache = call(params, encoder_hidden_states, max_new_tokens, method="init_cache")
 
   def step(carry, position):
     token, cache, finished, rng = carry
-    logits, cache = call(params, token[:, None], position, cache, attention_mask, method="decode_step")
+    logits, cache = call(params, token[:, None], position, cache, attention_mask, method="decode_step",
+                         **decoder_kwargs)
     key = None
     if rng is not None:
       rng, key = jax.random.split(rng)
@@ -475,7 +524,8 @@ def generate(model: T5ForConditionalGeneration, params: Any, input_ids: jax.Arra
              attention_mask: jax.Array | None = None, max_new_tokens: int = 16, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, rng: jax.Array | None = None,
              apply_fn: Callable[..., Any] | None = None,
-             eos_token_id: int | tuple[int, ...] | None = None) -> jax.Array:
+             eos_token_id: int | tuple[int, ...] | None = None, encoder_prefix_kv: Any = None,
+             decoder_prefix_kv: Any = None) -> jax.Array:
   """Generated ids (batch, max_new_tokens), without the start token; after EOS a sequence emits pad.
 
   A jit-compiled loop with a decoder key/value cache (encoder keys/values computed once).  Temperature 0 is
@@ -483,6 +533,7 @@ def generate(model: T5ForConditionalGeneration, params: Any, input_ids: jax.Arra
   `model.apply({"params": params}, ...)`, e.g. for LoRA: params=(base, adapters) and
   apply_fn=lambda p, *a, **kw: pj.apply(cfg, model.apply)(p[0], p[1], *a, **kw) (pass the same function
   object each call to reuse the compilation).  `eos_token_id` overrides the config's EOS id(s).
+  `encoder_prefix_kv` / `decoder_prefix_kv` are the prefix hooks of `encode` and `decode_step`.
   """
   if temperature > 0.0 and rng is None:
     raise ValueError(f"generate: temperature={temperature} samples and needs rng=jax.random.key(...); "
@@ -490,5 +541,5 @@ def generate(model: T5ForConditionalGeneration, params: Any, input_ids: jax.Arra
   if attention_mask is None:
     attention_mask = jnp.ones_like(input_ids)
   eos = jnp.asarray(model.config.eos_token_id if eos_token_id is None else eos_token_id)
-  return _generate(model, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), eos, rng, max_new_tokens,
-                   float(temperature), int(top_k), float(top_p), apply_fn)
+  return _generate(model, params, jnp.asarray(input_ids), jnp.asarray(attention_mask), eos, rng, encoder_prefix_kv,
+                   decoder_prefix_kv, max_new_tokens, float(temperature), int(top_k), float(top_p), apply_fn)
