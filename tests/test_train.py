@@ -41,26 +41,36 @@ def shared_compilation_cache(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
-def tiny_config(workdir, **overrides) -> ml_collections.ConfigDict:
-  """configs/lora_t5.py with a tiny model, LoRA dropout on, and a small slice of Rotten Tomatoes.
-
-  All tests share these shapes and settings, so the compiled programs are shared through the cache.
-  """
-  spec = importlib.util.spec_from_file_location("lora_t5_config", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.model_shape.update(TINY_SHAPE)
-  config.lora.update(dict(rank=4, dropout=0.1))
-  config.update(dict(workdir=str(workdir), batch_size=8, source_length=24, target_length=3, eval_examples=16,
-                     train_examples=40, steps=12, log_every=2, eval_every=0, checkpoint_every=3, keep_checkpoints=2))
-  config.optimizer.update(dict(learning_rate=1e-2, warmup_steps=2, decay_steps=12))
+def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """`config` with dotted-key overrides applied ({"optimizer.learning_rate": 1e-2})."""
   for key, value in overrides.items():
     node, *path, leaf = [config, *key.split(".")]
     for part in path:
       node = node[part]
     node[leaf] = value
   return config
+
+
+def load_config(name: str, arg: str | None = None, **overrides) -> ml_collections.ConfigDict:
+  """configs/<name>.py's get_config(arg) with dotted-key overrides."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return override(module.get_config() if arg is None else module.get_config(arg), overrides)
+
+
+def tiny_config(workdir, **overrides) -> ml_collections.ConfigDict:
+  """configs/lora_t5.py with a tiny model, LoRA dropout on, and a small slice of Rotten Tomatoes.
+
+  All tests share these shapes and settings, so the compiled programs are shared through the cache.
+  """
+  config = load_config("lora_t5")
+  config.model_shape.update(TINY_SHAPE)
+  config.lora.update(dict(rank=4, dropout=0.1))
+  config.update(dict(workdir=str(workdir), batch_size=8, source_length=24, target_length=3, eval_examples=16,
+                     train_examples=40, steps=12, log_every=2, eval_every=0, checkpoint_every=3, keep_checkpoints=2))
+  config.optimizer.update(dict(learning_rate=1e-2, warmup_steps=2, decay_steps=12))
+  return override(config, overrides)
 
 
 def test_end_to_end_run_trains_checkpoints_and_exports(tmp_path):
@@ -187,7 +197,8 @@ def test_non_finite_loss_leaves_the_state_unchanged(tmp_path):
 
 def test_bad_config_values_give_one_clear_sentence(tmp_path):
   valid_tasks = r"valid: \['bbc_headlines', 'rotten_tomatoes'\]"
-  with pytest.raises(ValueError, match=r"config\.task='imdb' is not a known task for a seq2seq_lm model; " + valid_tasks):
+  with pytest.raises(ValueError, match=r"config\.task='imdb' is not a known task for a seq2seq_lm model; "
+                                       + valid_tasks):
     train.main(tiny_config(tmp_path, task="imdb"))
   with pytest.raises(ValueError, match=r"config\.optimizer\.decay='step' .* valid: \['cosine', 'linear'\]"):
     train.main(tiny_config(tmp_path, **{"optimizer.decay": "step"}))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import pathlib
 
 import ml_collections
 import numpy as np
@@ -17,22 +15,12 @@ from peftjax.models import bert, gpt2
 import train
 from train import loop, steps, tasks
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import test_train  # tests/ is on sys.path under pytest
 
 
 def load_config(name: str, workdir, arg: str | None = None, **overrides) -> ml_collections.ConfigDict:
-  """configs/<name>.py's get_config(arg) with dotted-key overrides ("optimizer.learning_rate": 1e-2)."""
-  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config() if arg is None else module.get_config(arg)
-  config.workdir = str(workdir)
-  for key, value in overrides.items():
-    node, *path, leaf = [config, *key.split(".")]
-    for part in path:
-      node = node[part]
-    node[leaf] = value
-  return config
+  """configs/<name>.py's get_config(arg) writing to `workdir`, with dotted-key overrides."""
+  return test_train.load_config(name, arg, workdir=str(workdir), **overrides)
 
 
 def adapted_logits(result: dict, batch: dict) -> np.ndarray:

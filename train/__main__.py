@@ -10,8 +10,8 @@ from ml_collections import config_flags
 
 import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file, e.g. configs/lora_bert_sentiment.py (or FILE:ARG).",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "ml_collections config file, e.g. configs/lora_bert_sentiment.py (or FILE:ARG).", lock_config=True)
 flags.mark_flag_as_required("config")
 
 

@@ -20,6 +20,17 @@ from peftjax.models import bert, gpt2, llama, roberta, t5
 from train.data import IGNORE
 
 
+def _encode(tokenizer, texts, length: int) -> dict:
+  """{'input_ids', 'attention_mask'} int32 arrays of `texts`, truncated / padded to `length` tokens."""
+  enc = tokenizer(list(texts), max_length=length, truncation=True, padding="max_length", return_tensors="np")
+  return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}
+
+
+def _token_inputs(model, batch) -> tuple:
+  del model
+  return batch["input_ids"], batch["attention_mask"]
+
+
 class Seq2SeqLM:
   """T5: (source, target) text pairs; loss over target tokens; exact match of greedily generated text."""
 
@@ -30,13 +41,9 @@ class Seq2SeqLM:
   @staticmethod
   def tokenize(tokenizer, examples, config) -> dict:
     sources, targets = zip(*examples)
-    enc = tokenizer(list(sources), max_length=config.source_length, truncation=True, padding="max_length",
-                    return_tensors="np")
-    dec = tokenizer(list(targets), max_length=config.target_length, truncation=True, padding="max_length",
-                    return_tensors="np")
+    dec = _encode(tokenizer, targets, config.target_length)
     labels = np.where(dec["attention_mask"] == 1, dec["input_ids"], IGNORE)
-    return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32),
-            "labels": labels.astype(np.int32)}
+    return {**_encode(tokenizer, sources, config.source_length), "labels": labels}
 
   @staticmethod
   def inputs(model, batch) -> tuple:
@@ -64,15 +71,9 @@ class SequenceClassification:
   @staticmethod
   def tokenize(tokenizer, examples, config) -> dict:
     texts, labels = zip(*examples)
-    enc = tokenizer(list(texts), max_length=config.max_length, truncation=True, padding="max_length",
-                    return_tensors="np")
-    return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32),
-            "labels": np.asarray(labels, np.int32)}
+    return {**_encode(tokenizer, texts, config.max_length), "labels": np.asarray(labels, np.int32)}
 
-  @staticmethod
-  def inputs(model, batch) -> tuple:
-    del model
-    return batch["input_ids"], batch["attention_mask"]
+  inputs = staticmethod(_token_inputs)
 
   @staticmethod
   def aligned(logits, labels):
@@ -92,16 +93,10 @@ class CausalLM:
 
   @staticmethod
   def tokenize(tokenizer, texts, config) -> dict:
-    enc = tokenizer(list(texts), max_length=config.max_length, truncation=True, padding="max_length",
-                    return_tensors="np")
-    labels = np.where(enc["attention_mask"] == 1, enc["input_ids"], IGNORE)
-    return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32),
-            "labels": labels.astype(np.int32)}
+    enc = _encode(tokenizer, texts, config.max_length)
+    return {**enc, "labels": np.where(enc["attention_mask"] == 1, enc["input_ids"], IGNORE).astype(np.int32)}
 
-  @staticmethod
-  def inputs(model, batch) -> tuple:
-    del model
-    return batch["input_ids"], batch["attention_mask"]
+  inputs = staticmethod(_token_inputs)
 
   @staticmethod
   def aligned(logits, labels):
