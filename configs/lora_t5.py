@@ -9,7 +9,7 @@ to fine-tune the real model with the same code (its own tokenizer is then used; 
 head the usual Hugging Face choice is `--config.lora.targets=all-linear`).
 
 Any field can be overridden on the command line, e.g. `--config.lora.rank=16`,
-`--config.task=bbc_headlines`, `--config.full_finetune=True`, `--config.workdir=/tmp/run`.
+`--config.task=bbc_headlines`, `--config.method=full` (or "dora", "ia3"), `--config.workdir=/tmp/run`.
 Re-running with the same workdir resumes from its latest checkpoint.
 """
 
@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
   """The default run: embedded random T5 v1.1-shaped model, LoRA on every linear layer, Rotten Tomatoes."""
   config = ml_collections.ConfigDict()
 
+  config.family = "t5"              # the model module: t5, bert, roberta, gpt2 or llama
   # A Hugging Face hub id or local folder (config.json + safetensors); "" or "random": the model below.
   config.model = ""
   # Shape of the embedded default model (Hugging Face T5Config field names); ignored for a real model.
@@ -37,12 +38,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.source_length = 64        # tokens; longer inputs are truncated, shorter ones padded
   config.target_length = 4         # tokens including the end-of-sequence token; also the generation length
 
-  config.full_finetune = False     # True: train every parameter of the model instead of LoRA adapters
+  config.method = "lora"           # or "dora" (reads config.lora too), "ia3", "full" (every parameter trains)
   # targets: "all-linear" (every linear layer but the output head), names separated by commas ("q,v"), or a
   # regex over module paths.  The default also adapts lm_head: a frozen *random* head cannot put much
   # probability on the answer tokens (measured on this task: eval loss 1.63 with "all-linear" vs 0.31).
   config.lora = ml_collections.ConfigDict(dict(
       rank=16, alpha=32.0, dropout=0.0, targets="q,k,v,o,wi_0,wi_1,wo,lm_head"))
+  config.ia3 = ml_collections.ConfigDict(dict(targets="", feedforward=""))  # "": Hugging Face's T5 defaults
+  config.bitfit = ml_collections.ConfigDict(dict(targets=""))  # T5 has no biases: BitFit refuses it
+  config.modules_to_save = ""      # modules trained in full next to the method, e.g. "lm_head"
 
   config.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=5e-4, weight_decay=0.01, warmup_steps=60,

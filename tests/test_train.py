@@ -21,7 +21,7 @@ from peftjax import tree as ptree
 from peftjax.models import t5
 
 import train
-from train import data, loop, steps
+from train import data, loop, steps, tasks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG_FILE = ROOT / "configs" / "lora_t5.py"
@@ -41,26 +41,36 @@ def shared_compilation_cache(tmp_path_factory):
   compilation_cache.reset_cache()
 
 
-def tiny_config(workdir, **overrides) -> ml_collections.ConfigDict:
-  """configs/lora_t5.py with a tiny model, LoRA dropout on, and a small slice of Rotten Tomatoes.
-
-  All tests share these shapes and settings, so the compiled programs are shared through the cache.
-  """
-  spec = importlib.util.spec_from_file_location("lora_t5_config", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config.model_shape.update(TINY_SHAPE)
-  config.lora.update(dict(rank=4, dropout=0.1))
-  config.update(dict(workdir=str(workdir), batch_size=8, source_length=24, target_length=3, eval_examples=16,
-                     train_examples=40, steps=12, log_every=2, eval_every=0, checkpoint_every=3, keep_checkpoints=2))
-  config.optimizer.update(dict(learning_rate=1e-2, warmup_steps=2, decay_steps=12))
+def override(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+  """`config` with dotted-key overrides applied ({"optimizer.learning_rate": 1e-2})."""
   for key, value in overrides.items():
     node, *path, leaf = [config, *key.split(".")]
     for part in path:
       node = node[part]
     node[leaf] = value
   return config
+
+
+def load_config(name: str, arg: str | None = None, **overrides) -> ml_collections.ConfigDict:
+  """configs/<name>.py's get_config(arg) with dotted-key overrides."""
+  spec = importlib.util.spec_from_file_location(name, ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return override(module.get_config() if arg is None else module.get_config(arg), overrides)
+
+
+def tiny_config(workdir, **overrides) -> ml_collections.ConfigDict:
+  """configs/lora_t5.py with a tiny model, LoRA dropout on, and a small slice of Rotten Tomatoes.
+
+  All tests share these shapes and settings, so the compiled programs are shared through the cache.
+  """
+  config = load_config("lora_t5")
+  config.model_shape.update(TINY_SHAPE)
+  config.lora.update(dict(rank=4, dropout=0.1))
+  config.update(dict(workdir=str(workdir), batch_size=8, source_length=24, target_length=3, eval_examples=16,
+                     train_examples=40, steps=12, log_every=2, eval_every=0, checkpoint_every=3, keep_checkpoints=2))
+  config.optimizer.update(dict(learning_rate=1e-2, warmup_steps=2, decay_steps=12))
+  return override(config, overrides)
 
 
 def test_end_to_end_run_trains_checkpoints_and_exports(tmp_path):
@@ -73,7 +83,7 @@ def test_end_to_end_run_trains_checkpoints_and_exports(tmp_path):
 
   # The exported merged model computes what the base model plus adapters computes.
   merged_model, merged_params = t5.from_pretrained(str(tmp_path / "merged"))
-  model, lora_cfg, adapters, base = result["model"], result["lora"], result["state"]["trainable"], result["frozen"]
+  model, lora_cfg, adapters, base = result["model"], result["method"], result["state"]["trainable"], result["frozen"]
   rng = np.random.default_rng(0)
   ids, decoder_ids = rng.integers(2, 1000, (2, 10)), rng.integers(2, 1000, (2, 4))
   mask = np.ones_like(ids)
@@ -106,13 +116,14 @@ def test_resume_continues_the_same_run(tmp_path):
   manager.close()
 
 
-def _tiny_parts(full_finetune: bool = False):
+def _tiny_parts(method: str = "lora"):
   """The pieces train.main builds for tiny_config, and one batch of its shapes."""
-  config = tiny_config("unused", full_finetune=full_finetune)
+  config = tiny_config("unused", method=method)
   model, params, _ = loop.load_model(config)
-  lora_cfg, trainable, frozen = loop.trainable_and_frozen(config, params)
+  method_cfg, trainable, frozen = loop.trainable_and_frozen(config, model, params)
   tx, schedule = steps.make_optimizer(config.optimizer, config.steps)
-  train_step, grad_fn = steps.make_train_step(steps.make_forward(model, lora_cfg), tx, schedule, config.seed)
+  forward = steps.make_forward(model, tasks.Seq2SeqLM, method_cfg)
+  train_step, grad_fn = steps.make_train_step(forward, tasks.Seq2SeqLM, tx, schedule, config.seed)
   rng = np.random.default_rng(0)
   shape = (config.batch_size, config.source_length)
   batch = {"input_ids": rng.integers(2, 32000, shape).astype(np.int32), "attention_mask": np.ones(shape, np.int32),
@@ -149,7 +160,7 @@ def test_train_step_differentiates_only_the_adapters():
   computed = _computed_shapes(jax.make_jaxpr(train_step)(state, frozen, batch).jaxpr)
   assert not frozen_shapes & computed
   # Control: full fine-tuning does compute them.
-  _, full_frozen, full_state, _, full_step, _ = _tiny_parts(full_finetune=True)
+  _, full_frozen, full_state, _, full_step, _ = _tiny_parts(method="full")
   assert frozen_shapes <= _computed_shapes(jax.make_jaxpr(full_step)(full_state, full_frozen, batch).jaxpr)
 
 
@@ -186,14 +197,15 @@ def test_non_finite_loss_leaves_the_state_unchanged(tmp_path):
 
 def test_bad_config_values_give_one_clear_sentence(tmp_path):
   valid_tasks = r"valid: \['bbc_headlines', 'rotten_tomatoes'\]"
-  with pytest.raises(ValueError, match=r"config\.task='imdb' is not a known task; " + valid_tasks):
+  with pytest.raises(ValueError, match=r"config\.task='imdb' is not a known task for a seq2seq_lm model; "
+                                       + valid_tasks):
     train.main(tiny_config(tmp_path, task="imdb"))
   with pytest.raises(ValueError, match=r"config\.optimizer\.decay='step' .* valid: \['cosine', 'linear'\]"):
     train.main(tiny_config(tmp_path, **{"optimizer.decay": "step"}))
   with pytest.raises(ValueError, match=r"config\.batch_size=0 must be a positive integer"):
     train.main(tiny_config(tmp_path, batch_size=0))
   with pytest.raises(ValueError, match=r"eval_examples=9000 must be between 1 and 8529"):
-    data.split(data.load_task("rotten_tomatoes"), 9000)
+    data.split(data.load_task("seq2seq_lm", "rotten_tomatoes"), 9000)
   # On the command line, an unknown key names the valid ones (and nothing is trained).
   run = subprocess.run([sys.executable, "-m", "train", "--config", str(CONFIG_FILE), "--config.lora.rnk=3"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -1,7 +1,7 @@
-"""Training entry point: `python -m train --config configs/lora_t5.py [--config.key=value ...]`.
+"""Training entry point: `python -m train --config configs/lora_bert_sentiment.py [--config.key=value ...]`.
 
 `train.main(config)` runs the same job in-process and returns a summary (start/final step,
-held-out loss and exact match before/after, the final train state).
+held-out metrics before/after, the final train state).
 """
 
 from train.loop import main

