@@ -208,7 +208,7 @@ def cast_floating(tree: Any, dtype: Any) -> Any:
 def with_remat(model: Any) -> Any:
   """`model` with per-layer rematerialisation (activations recomputed in the backward pass)."""
   if "remat" not in getattr(type(model), "__dataclass_fields__", {}):
-    raise ValueError(f"{type(model).__name__} has no remat option; remat is available for the Llama family, "
+    raise ValueError(f"{type(model).__name__} has no remat option; remat is available for T5, the Llama family, "
                      "GPT-2 and BERT/RoBERTa models.")
   return model.clone(remat=True)
 

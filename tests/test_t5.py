@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -241,6 +242,22 @@ def test_dropout_and_logical_axes(checkpoints, batch):
   assert flat["decoder/block_1/layer_1/EncDecAttention/o/kernel"] == jax.sharding.PartitionSpec("joined_kv", "embed")
   assert flat["encoder/block_0/layer_1/DenseReluDense/wi_0/kernel"] == jax.sharding.PartitionSpec("embed", "mlp")
   assert all(len(spec) == np.ndim(p) for spec, p in zip(flat.values(), tree.flatten(params).values()))
+
+
+def test_remat_matches_plain_blocks(checkpoints, batch):
+  model, params = t5.from_pretrained(checkpoints["v1.1"])
+  remat_model = model.clone(remat=True)
+
+  def loss(m, p):
+    return jnp.mean(jax.nn.log_softmax(m.apply({"params": p}, *_args(batch))) ** 2)
+
+  plain_loss, plain_grads = jax.value_and_grad(functools.partial(loss, model))(params)
+  remat_loss, remat_grads = jax.value_and_grad(functools.partial(loss, remat_model))(params)
+  assert jax.tree.structure(t5.init_params(remat_model, jax.random.key(0))) == jax.tree.structure(params)
+  assert "remat" in str(jax.make_jaxpr(jax.grad(functools.partial(loss, remat_model)))(params))
+  np.testing.assert_allclose(remat_loss, plain_loss, rtol=1e-6)
+  for g, h in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(plain_grads)):
+    np.testing.assert_allclose(g, h, atol=1e-6)
 
 
 def test_t5_small_lora_parameter_count():

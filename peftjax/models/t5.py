@@ -307,18 +307,23 @@ class T5Block(nn.Module):
 
 
 class T5Stack(nn.Module):
-  """The encoder or decoder: blocks over input embeddings, then the final RMS norm."""
+  """The encoder or decoder: blocks over input embeddings, then the final RMS norm.
+
+  remat: recompute each block's activations in the backward pass instead of keeping them.
+  """
 
   config: T5Config
   is_decoder: bool = False
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: bool = False
 
   def setup(self):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     depth = c.num_decoder_layers if self.is_decoder else c.num_layers
-    self.block = [T5Block(c, self.is_decoder, i == 0, **kw) for i in range(depth)]
+    block = nn.remat(T5Block, static_argnums=(4,)) if self.remat else T5Block  # self is 0: `deterministic` is 4
+    self.block = [block(c, self.is_decoder, i == 0, **kw) for i in range(depth)]
     self.final_layer_norm = T5LayerNorm(c.layer_norm_epsilon, **kw)
     self.dropout = nn.Dropout(c.dropout_rate)
 
@@ -361,19 +366,23 @@ def _padding_mask(attention_mask):
 
 
 class T5ForConditionalGeneration(nn.Module):
-  """T5 with its language-modelling head; `__call__` returns logits (batch, decoder length, vocab)."""
+  """T5 with its language-modelling head; `__call__` returns logits (batch, decoder length, vocab).
+
+  remat: per-block rematerialisation in both stacks (same outputs and gradients, less activation memory).
+  """
 
   config: T5Config
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  remat: bool = False
 
   def setup(self):
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.shared = nn.Embed(c.vocab_size, c.d_model, name="shared", **kw,
                            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))
-    self.encoder = T5Stack(c, is_decoder=False, **kw)
-    self.decoder = T5Stack(c, is_decoder=True, **kw)
+    self.encoder = T5Stack(c, is_decoder=False, remat=self.remat, **kw)
+    self.decoder = T5Stack(c, is_decoder=True, remat=self.remat, **kw)
     if not c.tie_word_embeddings:
       self.lm_head = _dense(c.vocab_size, ("embed", "vocab"), c.d_model ** -0.5, name="lm_head", **kw)
 
