@@ -35,7 +35,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.model_shape = ml_collections.ConfigDict(dict(
       hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536))
   config.tokenizer = ""            # "": the model's own
-  config.compute_dtype = "float32"  # or "bfloat16"
+  config.compute_dtype = "float32"  # or "bfloat16" (activations; config.scale.frozen_dtype sets the stored weights)
 
   config.task = "rotten_tomatoes"
   config.eval_examples = 1000
@@ -64,4 +64,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.keep_checkpoints = 1
   config.workdir = "workdir/lora_bert_sentiment" + "".join(f"_{o}" for o in sorted(options))
   config.seed = 0
+
+  # Scale: the same run on one CPU, several devices or processes, a GPU or a TPU pod (see peftjax/sharding.py).
+  config.scale = ml_collections.ConfigDict(dict(
+      mesh_shape=(1, -1, 1),       # devices per mesh axis (data, fsdp, tensor); -1 takes the rest: FSDP over all
+      logical_axis_rules=(),       # ((logical axis, mesh axis / tuple of them / None), ...); (): DEFAULT_RULES
+      micro_batches=1,             # gradient accumulation: batch_size splits into this many parts per update
+      frozen_dtype="float32",      # or "bfloat16": frozen base weights stored in bf16 (adapters stay float32)
+      remat=False,                 # recompute each layer's activations in the backward pass (less memory)
+      # Multi-process jobs (or the env vars PEFTJAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID; on a TPU pod
+      # PEFTJAX_DIST_INIT=1 finds the peers itself): "host:port" of process 0, process count, this process.
+      coordinator_address="", num_processes=0, process_id=-1))
   return config

@@ -24,7 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
       vocab_size=49152, n_positions=128, n_embd=128, n_layer=2, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
       attn_pdrop=0.0, tie_word_embeddings=False))  # an untied head that LoRA adapts too (see config.lora)
   config.tokenizer = ""            # "": the model's own, or for the random model SmolLM2's
-  config.compute_dtype = "float32"  # or "bfloat16"
+  config.compute_dtype = "float32"  # or "bfloat16" (activations; config.scale.frozen_dtype sets the stored weights)
 
   config.task = "imdb"             # or "bbc_news"
   config.eval_examples = 200
@@ -50,4 +50,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 1
   config.workdir = "workdir/lora_gpt2"
   config.seed = 0
+
+  # Scale: the same run on one CPU, several devices or processes, a GPU or a TPU pod (see peftjax/sharding.py).
+  config.scale = ml_collections.ConfigDict(dict(
+      mesh_shape=(1, -1, 1),       # devices per mesh axis (data, fsdp, tensor); -1 takes the rest: FSDP over all
+      logical_axis_rules=(),       # ((logical axis, mesh axis / tuple of them / None), ...); (): DEFAULT_RULES
+      micro_batches=1,             # gradient accumulation: batch_size splits into this many parts per update
+      frozen_dtype="float32",      # or "bfloat16": frozen base weights stored in bf16 (adapters stay float32)
+      remat=False,                 # recompute each layer's activations in the backward pass (less memory)
+      # Multi-process jobs (or the env vars PEFTJAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID; on a TPU pod
+      # PEFTJAX_DIST_INIT=1 finds the peers itself): "host:port" of process 0, process count, this process.
+      coordinator_address="", num_processes=0, process_id=-1))
   return config

@@ -30,7 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
       dropout_rate=0.0))           # dropout on a frozen random base only adds noise (measured: slower learning)
   # Tokenizer folder or hub id; "": the model folder's tokenizer, or the bundled real T5 tokenizer.
   config.tokenizer = ""
-  config.compute_dtype = "float32"  # or "bfloat16" (parameters, adapters and optimizer state stay float32)
+  config.compute_dtype = "float32"  # or "bfloat16" (activations; adapters and optimizer state stay float32)
 
   config.task = "rotten_tomatoes"  # or "bbc_headlines" (BBC News article -> its headline)
   config.eval_examples = 500       # held-out examples (a seeded split of the task's data)
@@ -62,4 +62,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 2
   config.workdir = "workdir"
   config.seed = 0
+
+  # Scale: the same run on one CPU, several devices or processes, a GPU or a TPU pod (see peftjax/sharding.py).
+  config.scale = ml_collections.ConfigDict(dict(
+      mesh_shape=(1, -1, 1),       # devices per mesh axis (data, fsdp, tensor); -1 takes the rest: FSDP over all
+      logical_axis_rules=(),       # ((logical axis, mesh axis / tuple of them / None), ...); (): DEFAULT_RULES
+      micro_batches=1,             # gradient accumulation: batch_size splits into this many parts per update
+      frozen_dtype="float32",      # or "bfloat16": frozen base weights stored in bf16 (adapters stay float32)
+      remat=False,                 # True is refused: the T5 model has no remat option
+      # Multi-process jobs (or the env vars PEFTJAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID; on a TPU pod
+      # PEFTJAX_DIST_INIT=1 finds the peers itself): "host:port" of process 0, process count, this process.
+      coordinator_address="", num_processes=0, process_id=-1))
   return config

@@ -19,6 +19,11 @@ import orbax.checkpoint as ocp
 STATE, DATA = "state", "data"
 
 
+def _absolute(path: str) -> str:
+  """A local path made absolute; a URL (gs://bucket/run, which Orbax writes to directly) as it is."""
+  return path if "://" in path else os.path.abspath(path)
+
+
 def all_finite(tree: Any) -> bool:
   """True when every floating-point leaf of `tree` is free of NaN and inf."""
   leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
@@ -35,7 +40,7 @@ def manager(directory: str, max_to_keep: int | None = None, save_interval_steps:
   if max_to_keep is not None and max_to_keep < 1:
     raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep}.")
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=(STATE, DATA))
+  return ocp.CheckpointManager(_absolute(directory), options=options, item_names=(STATE, DATA))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state: Any, data: dict | None = None, force: bool = False) -> bool:
@@ -69,10 +74,10 @@ def save_adapters(path: str, adapters: Any) -> None:
   """Writes an adapter tree (only the trainable leaves) as an Orbax checkpoint at `path`, replacing it."""
   _check_finite(adapters, "adapter tree")
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(os.path.abspath(path), adapters, force=True)
+    checkpointer.save(_absolute(path), adapters, force=True)
 
 
 def load_adapters(path: str, target: Any | None = None) -> Any:
   """Reads an adapter tree written by `save_adapters` (shaped like `target` when given)."""
   with ocp.StandardCheckpointer() as checkpointer:
-    return checkpointer.restore(os.path.abspath(path), target)
+    return checkpointer.restore(_absolute(path), target)

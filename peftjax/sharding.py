@@ -238,7 +238,8 @@ def _micro_batches(batch: Any, count: int, mesh: Mesh) -> Any:
 
 def make_train_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: optax.GradientTransformation,
                     shardings: dict, frozen_shardings: Any, *, micro_batches: int = 1, seed: int = 0,
-                    donate: bool = True) -> Callable[..., tuple[dict, dict]]:
+                    donate: bool = True, post_update: Callable[[dict, Any], dict] | None = None
+                    ) -> Callable[..., tuple[dict, dict]]:
   """Sharded train step: step(state, frozen, batch) -> (state, metrics), jit-compiled with explicit shardings.
 
   `loss_fn(trainable, frozen, batch, rng) -> (loss sum, weight)` (e.g. summed token cross-entropy and the
@@ -249,6 +250,11 @@ def make_train_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: opt
   again with the micro-batch index).  A non-finite loss or gradient leaves trainable and opt_state unchanged
   (metrics['skipped'] = 1).  Mixed precision comes from the inputs: a bfloat16-compute model, frozen weights
   cast with `cast_floating`, float32 adapters (so float32 gradients and optimizer state).
+
+  The state may hold entries besides 'step', 'trainable' and 'opt_state' (e.g. a method's own state, with
+  their shardings in `shardings`); they pass through unchanged unless `post_update(state, grads) -> state`
+  changes them: it runs inside the step after the optimizer update, on the updated state ('step' still the
+  index of this update) and the mean gradients, and its result is kept only when the step is finite.
   """
   if micro_batches < 1:
     raise ValueError(f"micro_batches={micro_batches} must be a positive integer.")
@@ -279,9 +285,11 @@ def make_train_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: opt
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = {"step": state["step"] + 1, "trainable": keep(optax.apply_updates(trainable, updates), trainable),
-                 "opt_state": keep(opt_state, state["opt_state"])}
+    updated = {**state, "trainable": optax.apply_updates(trainable, updates), "opt_state": opt_state}
+    if post_update is not None:
+      updated = post_update(updated, grads)
+    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), updated, state)
+    new_state = {**kept, "step": state["step"] + 1}
     return new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32)}
 
   return jax.jit(step, in_shardings=(shardings, frozen_shardings, batch_sharding(mesh)),

@@ -117,18 +117,20 @@ def test_resume_continues_the_same_run(tmp_path):
 
 
 def _tiny_parts(method: str = "lora"):
-  """The pieces train.main builds for tiny_config, and one batch of its shapes."""
+  """The pieces train.main builds for tiny_config (on a one-device mesh), and one batch of its shapes."""
   config = tiny_config("unused", method=method)
   model, params, _ = loop.load_model(config)
   method_cfg, trainable, frozen = loop.trainable_and_frozen(config, model, params)
-  tx, schedule = steps.make_optimizer(config.optimizer, config.steps)
+  tx, _ = steps.make_optimizer(config.optimizer, config.steps)
+  frozen, state, shardings = loop.shard(config, model, params, trainable, frozen, tx, loop.make_mesh(config))
   forward = steps.make_forward(model, tasks.Seq2SeqLM, method_cfg)
-  train_step, grad_fn = steps.make_train_step(forward, tasks.Seq2SeqLM, tx, schedule, config.seed)
+  train_step = steps.make_train_step(forward, tasks.Seq2SeqLM, tx, shardings, seed=config.seed)
+  grad_fn = jax.grad(lambda *args: steps.make_loss(forward, tasks.Seq2SeqLM)(*args)[0])
   rng = np.random.default_rng(0)
   shape = (config.batch_size, config.source_length)
   batch = {"input_ids": rng.integers(2, 32000, shape).astype(np.int32), "attention_mask": np.ones(shape, np.int32),
            "labels": rng.integers(2, 32000, (config.batch_size, config.target_length)).astype(np.int32)}
-  return params, frozen, loop.initial_state(tx, trainable), batch, train_step, grad_fn
+  return params, frozen, state, batch, train_step, grad_fn
 
 
 def _computed_shapes(jaxpr) -> set[tuple[int, ...]]:
@@ -147,7 +149,7 @@ def _computed_shapes(jaxpr) -> set[tuple[int, ...]]:
 def test_train_step_differentiates_only_the_adapters():
   params, frozen, state, batch, train_step, grad_fn = _tiny_parts()
   adapters = state["trainable"]
-  _, grads = jax.eval_shape(grad_fn, adapters, frozen, batch, jax.random.key(0))
+  grads = jax.eval_shape(grad_fn, adapters, frozen, batch, jax.random.key(0))
   assert jax.tree.structure(grads) == jax.tree.structure(adapters)
   assert ptree.count(grads) == ptree.count(adapters) < ptree.count(params) // 10
   # AdamW keeps two moments per adapter leaf and a few scalar counters, nothing for the frozen tree.
@@ -214,12 +216,11 @@ def test_bad_config_values_give_one_clear_sentence(tmp_path):
 
 
 def test_data_order_resumes_mid_epoch():
-  rows = {"labels": np.arange(10)[:, None]}
-  straight = data.batches(rows, 3, seed=5)
+  straight = data.batch_indices(10, 3, seed=5)
   seen = [next(straight) for _ in range(7)]  # 3 batches per epoch
   _, position = seen[3]
-  resumed = data.batches(rows, 3, seed=5, **position)
-  for batch, _ in seen[4:]:
-    np.testing.assert_array_equal(next(resumed)[0]["labels"], batch["labels"])
+  resumed = data.batch_indices(10, 3, seed=5, **position)
+  for chosen, _ in seen[4:]:
+    np.testing.assert_array_equal(next(resumed)[0], chosen)
   assert [p for _, p in seen][:4] == [{"epoch": 0, "index": 1}, {"epoch": 0, "index": 2}, {"epoch": 0, "index": 3},
                                       {"epoch": 1, "index": 1}]

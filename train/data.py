@@ -101,14 +101,15 @@ def split(examples: list, eval_examples: int, train_examples: int = 0) -> tuple[
   return (train[:train_examples] if train_examples else train), held_out
 
 
-def batches(data: dict, batch_size: int, seed: int, epoch: int = 0, index: int = 0) -> Iterator[tuple[dict, dict]]:
-  """Endless (batch, position) pairs starting at data position (epoch, index).
+def batch_indices(rows: int, batch_size: int, seed: int, epoch: int = 0, index: int = 0
+                  ) -> Iterator[tuple[np.ndarray, dict]]:
+  """Endless (row indices of a batch, position) pairs starting at data position (epoch, index).
 
   Each epoch visits the rows in the order np.random.default_rng([seed, epoch]).permutation and drops
   the last partial batch.  `position` is where the *next* batch starts ({'epoch', 'index'}): save it
-  with a checkpoint and pass it back here to continue the same data order.
+  with a checkpoint and pass it back here to continue the same data order.  Every process computes the
+  same indices (and then loads only its own rows of them).
   """
-  rows = len(data["labels"])
   per_epoch = rows // batch_size
   if per_epoch == 0:
     raise ValueError(f"config.batch_size={batch_size} is larger than the {rows} training examples.")
@@ -119,7 +120,7 @@ def batches(data: dict, batch_size: int, seed: int, epoch: int = 0, index: int =
     while index < per_epoch:
       chosen = order[index * batch_size:(index + 1) * batch_size]
       index += 1
-      yield {k: v[chosen] for k, v in data.items()}, {"epoch": epoch, "index": index}
+      yield chosen, {"epoch": epoch, "index": index}
 
 
 def padded_batches(data: dict, batch_size: int) -> Iterator[tuple[dict, int]]:

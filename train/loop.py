@@ -8,11 +8,20 @@ files), merged/ (the model with the method folded in + tokenizer, a Hugging Face
 (a Hugging Face PEFT folder for LoRA / DoRA, an Orbax tree of the trained leaves for the other
 methods or with modules_to_save) and, for a randomly initialised model, base/ (the frozen base the
 adapter applies to).
+
+Scale (config.scale): the same run goes from one CPU to a TPU pod.  `main` first joins a multi-process job
+when asked (`peftjax.distributed.initialize`), builds the (data, fsdp, tensor) device mesh, places the
+frozen weights (optionally in bfloat16) and the train state sharded by the logical-axis rules, feeds each
+process only its rows of every batch, and accumulates gradients over micro-batches.  Checkpoints are
+written by every process together (Orbax); TensorBoard and the exported files by process 0.  The workdir
+may be a gs:// path: checkpoints go there directly, exports are written locally and copied.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
 
 import jax
@@ -22,16 +31,20 @@ import numpy as np
 import tensorboardX
 import tqdm
 import transformers
+from etils import epath
 
 import peftjax as pj
-from peftjax import assets, checkpoint, interop
+from peftjax import assets, checkpoint, distributed, interop, sharding
 from peftjax.models import gguf, hf_io
 
 from train import data, methods, steps, tasks
 
 RANDOM_MODELS = ("", "random")
 ASSET = "asset:"
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# config.scale settings and their defaults (a config file without a scale section runs on every device, FSDP).
+SCALE_DEFAULTS = dict(mesh_shape=(1, -1, 1), logical_axis_rules=(), micro_batches=1, frozen_dtype="float32",
+                      remat=False, coordinator_address="", num_processes=0, process_id=-1)
 
 
 def resolve(spec: str) -> str:
@@ -43,6 +56,31 @@ def resolve(spec: str) -> str:
   return spec if os.path.exists(spec) else hf_io.resolve(spec)
 
 
+def scale_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.scale with SCALE_DEFAULTS for the keys it leaves out."""
+  return ml_collections.ConfigDict({**SCALE_DEFAULTS, **config.get("scale", ml_collections.ConfigDict()).to_dict()})
+
+
+def _check_scale(config: ml_collections.ConfigDict) -> None:
+  scale = scale_settings(config)
+  shape = tuple(scale.mesh_shape)
+  if (len(shape) != len(sharding.MESH_AXES) or not all(isinstance(s, int) and (s > 0 or s == -1) for s in shape)
+      or shape.count(-1) > 1):
+    raise ValueError(f"config.scale.mesh_shape={shape} must be {len(sharding.MESH_AXES)} sizes for the mesh axes "
+                     f"{sharding.MESH_AXES}, each a positive integer or -1 (at most one: the remaining devices).")
+  for rule in scale.logical_axis_rules:
+    targets = rule[1] if len(rule) == 2 and isinstance(rule[1], (tuple, list)) else rule[1:]
+    if len(rule) != 2 or not isinstance(rule[0], str) or any(t not in (*sharding.MESH_AXES, None) for t in targets):
+      raise ValueError(f"config.scale.logical_axis_rules holds {rule!r}; each rule is (logical axis name, mesh axis, "
+                       f"tuple of mesh axes or None) with mesh axes from {sharding.MESH_AXES}.")
+  if not isinstance(scale.micro_batches, int) or scale.micro_batches < 1 or config.batch_size % scale.micro_batches:
+    raise ValueError(f"config.scale.micro_batches={scale.micro_batches} must be a positive integer that divides "
+                     f"config.batch_size={config.batch_size}.")
+  for key, value in (("compute_dtype", config.compute_dtype), ("scale.frozen_dtype", scale.frozen_dtype)):
+    if value not in DTYPES:
+      raise ValueError(f"config.{key}={value!r} is not supported; valid: {sorted(DTYPES)}.")
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError (one sentence naming the key and what is valid) for a bad config value."""
   if config.family not in tasks.FAMILIES:
@@ -50,9 +88,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   task = tasks.FAMILIES[config.family].task
   data.check_task(task.kind, config.task)
   methods.check(config)
-  if config.compute_dtype not in COMPUTE_DTYPES:
-    raise ValueError(f"config.compute_dtype={config.compute_dtype!r} is not supported; "
-                     f"valid: {sorted(COMPUTE_DTYPES)}.")
   if config.optimizer.decay not in steps.DECAYS:
     raise ValueError(f"config.optimizer.decay={config.optimizer.decay!r} is not a known schedule; "
                      f"valid: {list(steps.DECAYS)}.")
@@ -67,6 +102,22 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.optimizer.learning_rate <= 0 or config.optimizer.grad_clip_norm <= 0:
     raise ValueError(f"config.optimizer.learning_rate={config.optimizer.learning_rate} and grad_clip_norm="
                      f"{config.optimizer.grad_clip_norm} must both be positive.")
+  _check_scale(config)
+
+
+def make_mesh(config: ml_collections.ConfigDict):
+  """The (data, fsdp, tensor) mesh of config.scale.mesh_shape over every device of the job; its batch must split."""
+  scale = scale_settings(config)
+  try:
+    mesh = sharding.make_mesh(tuple(scale.mesh_shape))
+  except ValueError as e:
+    raise ValueError(f"config.scale.mesh_shape does not fit this job: {e}") from e
+  batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % (scale.micro_batches * batch_devices):
+    raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of config.scale.micro_batches="
+                     f"{scale.micro_batches} times the mesh's data x fsdp size {batch_devices} (mesh "
+                     f"{dict(mesh.shape)}); change one of batch_size, micro_batches or config.scale.mesh_shape.")
+  return mesh
 
 
 def load_tokenizer(path: str):
@@ -89,7 +140,12 @@ def load_model(config: ml_collections.ConfigDict, num_labels: int = 2):
   else:
     path = resolve(config.model)
     model, params = family.pretrained(path, num_labels, jax.random.fold_in(jax.random.key(config.seed), 0))
-  model = model.clone(dtype=COMPUTE_DTYPES[config.compute_dtype])
+  model = model.clone(dtype=DTYPES[config.compute_dtype])
+  if scale_settings(config).remat:
+    try:
+      model = sharding.with_remat(model)
+    except ValueError as e:
+      raise ValueError(f"config.scale.remat=True: {e}") from e
   own = path is not None and (path.endswith(".gguf") or any(
       os.path.exists(os.path.join(path, f)) for f in ("tokenizer_config.json", "tokenizer.json")))
   if not (config.tokenizer or own or family.default_tokenizer):
@@ -113,52 +169,95 @@ def trainable_and_frozen(config: ml_collections.ConfigDict, model, params: dict)
   return method_cfg, pj.init(method_cfg, jax.random.fold_in(jax.random.key(config.seed), 1), params), params
 
 
-def initial_state(tx, trainable) -> dict:
-  """Step 0 train state, committed to the device like a restored one (so both compile the same step)."""
-  state = {"step": jnp.asarray(0, jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
-  return jax.device_put(state, jax.devices()[0])
+def shard(config: ml_collections.ConfigDict, model, params, trainable, frozen, tx, mesh, method_state=None):
+  """(frozen, step-0 train state, shardings) placed on `mesh`; shardings is {'state', 'frozen'}.
+
+  The parameters' shardings come from the model's logical axes and config.scale.logical_axis_rules (default
+  `peftjax.sharding.DEFAULT_RULES`); adapters and their optimizer moments follow the weights they adapt;
+  'method_state' (a method's own state, default empty) is replicated.  The frozen tree is stored in
+  config.scale.frozen_dtype.  A restored state takes the same shardings, so both compile the same step.
+  """
+  scale = scale_settings(config)
+  rules = tuple(tuple(r) for r in scale.logical_axis_rules) or sharding.DEFAULT_RULES
+  params_shardings = sharding.param_shardings(sharding.model_logical_axes(model), params, mesh, rules)
+  method_state = {} if method_state is None else method_state
+  state_shardings = {**sharding.state_shardings(tx, trainable, sharding.adapter_shardings(trainable, params_shardings)),
+                     "method_state": jax.tree.map(lambda _: sharding.replicated(mesh), method_state)}
+  state = {"step": np.int32(0), "trainable": trainable, "opt_state": tx.init(trainable), "method_state": method_state}
+  frozen_shardings = params_shardings if frozen else {}
+  frozen = sharding.place(sharding.cast_floating(frozen, DTYPES[scale.frozen_dtype]), frozen_shardings)
+  return frozen, sharding.place(state, state_shardings), {"state": state_shardings, "frozen": frozen_shardings}
 
 
 def _host(tree):
-  return jax.tree.map(np.asarray, jax.device_get(tree))
+  return jax.tree.map(distributed.to_host, tree)
+
+
+def _remote(path: str) -> bool:
+  return "://" in path
+
+
+@contextlib.contextmanager
+def output_folder(workdir: str, name: str):
+  """A local path for workdir/name: that folder itself, or for a remote workdir (gs://...) a temporary local one
+  whose files process 0 copies there afterwards."""
+  if not _remote(workdir):
+    yield os.path.join(workdir, name)
+    return
+  with tempfile.TemporaryDirectory() as local:
+    yield os.path.join(local, name)
+    if jax.process_index() == 0:
+      for file in epath.Path(local).rglob("*"):
+        if file.is_file():
+          target = epath.Path(workdir) / file.relative_to(local)
+          target.parent.mkdir(parents=True, exist_ok=True)
+          target.write_bytes(file.read_bytes())
 
 
 def _log(writer, prefix: str, step: int, values: dict) -> None:
+  if writer is None:  # not process 0
+    return
   for name, value in values.items():
     writer.add_scalar(f"{prefix}/{name}", value, step)
   writer.flush()
 
 
-def _train_summary(metrics: list[dict], seconds: float) -> dict:
-  """Mean loss (of the applied steps) and gradient norm, last learning rate, skipped steps, speed."""
+def _train_summary(metrics: list[dict], learning_rate: float, seconds: float) -> dict:
+  """Mean loss (of the applied steps) and gradient norm, the last step's learning rate, skipped steps, speed."""
   applied = [m["loss"] for m in metrics if not m["skipped"]]
   return {"loss": float(np.mean(applied)) if applied else float("nan"),
           "grad_norm": float(np.mean([m["grad_norm"] for m in metrics])),
-          "learning_rate": float(metrics[-1]["learning_rate"]),
+          "learning_rate": learning_rate,
           "skipped": int(sum(m["skipped"] for m in metrics)),
           "steps_per_second": len(metrics) / seconds}
 
 
-def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config) -> None:
+def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config, frozen_shardings) -> None:
   """Writes workdir/merged (+ tokenizer) and, for a method with adapters, workdir/adapter (+ workdir/base for a
-  random model)."""
+  random model).  Every process takes part in gathering the sharded trees; process 0 writes the files."""
   family = tasks.FAMILIES[config.family]
-  merged = trainable if method_cfg is None else pj.merge(method_cfg, frozen, trainable)
+  writer = jax.process_index() == 0
+  merged = trainable if method_cfg is None else sharding.merge(method_cfg, frozen, trainable, frozen_shardings)
   if method_cfg is not None:
     base_name = config.model
     if config.model in RANDOM_MODELS:
-      base_name = os.path.join(workdir, "base")
-      family.module.save_pretrained(model, frozen, base_name)
-      tokenizer.save_pretrained(base_name)
-    adapter = os.path.join(workdir, "adapter")
+      base_name = f"{workdir}/base"
+      with output_folder(workdir, "base") as folder:
+        distributed.export_merged(family.module.save_pretrained, model, frozen, folder)
+        if writer:
+          tokenizer.save_pretrained(folder)
     if isinstance(method_cfg, pj.LoraConfig):  # DoRA too
-      interop.save_lora_adapter(adapter, method_cfg, _host(trainable), base_model_name_or_path=base_name,
-                                task_type=family.task.peft_task_type)
-    else:
-      checkpoint.save_adapters(adapter, trainable)
-  folder = os.path.join(workdir, "merged")
-  family.module.save_pretrained(model, merged, folder)
-  tokenizer.save_pretrained(folder)
+      adapters = _host(trainable)
+      with output_folder(workdir, "adapter") as folder:
+        if writer:
+          interop.save_lora_adapter(folder, method_cfg, adapters, base_model_name_or_path=base_name,
+                                    task_type=family.task.peft_task_type)
+    else:  # Orbax: every process writes its shards (to a gs:// workdir too)
+      checkpoint.save_adapters(f"{workdir}/adapter", trainable)
+  with output_folder(workdir, "merged") as folder:
+    distributed.export_merged(family.module.save_pretrained, model, merged, folder)
+    if writer:
+      tokenizer.save_pretrained(folder)
 
 
 def _metrics_line(step: int, metrics: dict) -> str:
@@ -168,8 +267,12 @@ def _metrics_line(step: int, metrics: dict) -> str:
 def main(config: ml_collections.ConfigDict) -> dict:
   """Trains, evaluates before/after, checkpoints, exports; returns a summary with the final train state."""
   check_config(config)
-  workdir = os.path.abspath(config.workdir)
-  os.makedirs(workdir, exist_ok=True)
+  scale = scale_settings(config)
+  distributed.initialize(scale.coordinator_address, scale.num_processes, scale.process_id)  # before any JAX call
+  mesh = make_mesh(config)
+  workdir = config.workdir if _remote(config.workdir) else os.path.abspath(config.workdir)
+  if not _remote(workdir):
+    os.makedirs(workdir, exist_ok=True)
   task = tasks.FAMILIES[config.family].task
   train_set, held_out = data.split(data.load_task(task.kind, config.task), config.eval_examples,
                                    config.train_examples)
@@ -182,43 +285,51 @@ def main(config: ml_collections.ConfigDict) -> dict:
   method_cfg, trainable, frozen = trainable_and_frozen(config, model, params)
   trainable_line = pj.print_trainable_parameters(trainable, frozen)
   tx, schedule = steps.make_optimizer(config.optimizer, config.steps)
+  frozen, state, shardings = shard(config, model, params, trainable, frozen, tx, mesh)
+  del params, trainable  # the placed copies are used from here on
+  print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices in {jax.process_count()} process(es); "
+        f"{scale.micro_batches} micro-batch(es) per step")
   forward = steps.make_forward(model, task, method_cfg)
-  train_step, _ = steps.make_train_step(forward, task, tx, schedule, config.seed)
+  train_step = steps.make_train_step(forward, task, tx, shardings, micro_batches=scale.micro_batches,
+                                     seed=config.seed)
+  batch_sharding = sharding.batch_sharding(mesh)
+  put_batch = lambda rows: distributed.load_local(rows, np.arange(config.batch_size), batch_sharding)  # noqa: E731
   exact_match = (steps.make_exact_match(model, method_cfg, tokenizer, config.target_length)
                  if task is tasks.Seq2SeqLM else None)
-  evaluate = steps.make_evaluate(forward, task, config.batch_size, exact_match)
-  state = initial_state(tx, trainable)
+  evaluate = steps.make_evaluate(forward, task, config.batch_size, put_batch, exact_match)
   position = {"epoch": 0, "index": 0}
 
-  manager = checkpoint.manager(os.path.join(workdir, "checkpoints"), max_to_keep=config.keep_checkpoints)
+  manager = checkpoint.manager(f"{workdir}/checkpoints", max_to_keep=config.keep_checkpoints)
   try:
-    restored = checkpoint.restore(manager, state)
+    restored = checkpoint.restore(manager, sharding.abstract(state, shardings["state"]))
   except ValueError as e:
     raise ValueError(f"the checkpoint in {workdir!r} does not fit this config (another model, task or method "
                      f"setting?); use a new config.workdir ({e}).") from e
   if restored is not None:
     state, position = restored
-  start_step = int(state["step"])
+  start_step = int(distributed.to_host(state["step"]))
   if start_step:
     print(f"resuming from step {start_step} (epoch {position['epoch']}, batch {position['index']}) in {workdir}")
 
-  writer = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+  writer = tensorboardX.SummaryWriter(f"{workdir}/tensorboard") if jax.process_index() == 0 else None
   before = evaluate(state["trainable"], frozen, eval_data)
   print(_metrics_line(start_step, before))
   _log(writer, "eval", start_step, before)
 
-  batches = data.batches(train_data, config.batch_size, config.seed, position["epoch"], position["index"])
+  indices = data.batch_indices(len(train_data["labels"]), config.batch_size, config.seed, position["epoch"],
+                               position["index"])
   pending, start_time = [], time.perf_counter()
   last_log = start_time
   progress = tqdm.tqdm(total=config.steps, initial=min(start_step, config.steps), desc="train", unit="step")
   for step in range(start_step + 1, config.steps + 1):
-    batch, position = next(batches)
-    state, metrics = train_step(state, frozen, batch)
+    chosen, position = next(indices)
+    state, metrics = train_step(state, frozen, distributed.load_local(train_data, chosen, batch_sharding))
     pending.append(metrics)
     progress.update(1)
     if step % config.log_every == 0 or step == config.steps:
       now = time.perf_counter()
-      summary, pending, last_log = _train_summary(_host(pending), now - last_log), [], now
+      summary = _train_summary(_host(pending), float(schedule(step - 1)), now - last_log)
+      pending, last_log = [], now
       progress.set_postfix(loss=f"{summary['loss']:.4f}", lr=f"{summary['learning_rate']:.2e}")
       _log(writer, "train", step, summary)
     if config.eval_every and step % config.eval_every == 0 and step != config.steps:
@@ -230,15 +341,17 @@ def main(config: ml_collections.ConfigDict) -> dict:
   progress.close()
   train_seconds = time.perf_counter() - start_time
 
-  final_step = int(state["step"])
+  final_step = int(distributed.to_host(state["step"]))
   after = evaluate(state["trainable"], frozen, eval_data)
   print(_metrics_line(final_step, after))
   _log(writer, "eval", final_step, after)
-  writer.close()
+  if writer is not None:
+    writer.close()
   manager.wait_until_finished()
   manager.close()
-  export(workdir, model, frozen, state["trainable"], method_cfg, tokenizer, config)
+  export(workdir, model, frozen, state["trainable"], method_cfg, tokenizer, config, shardings["frozen"])
   print(f"wrote {workdir}/merged" + ("" if method_cfg is None else f" and {workdir}/adapter"))
   return {"start_step": start_step, "final_step": final_step, "before": before, "after": after,
           "trainable_parameters": trainable_line, "train_seconds": train_seconds, "state": state,
-          "frozen": frozen, "model": model, "method": method_cfg, "config": config, "workdir": workdir}
+          "frozen": frozen, "model": model, "method": method_cfg, "config": config, "workdir": workdir,
+          "mesh": mesh}

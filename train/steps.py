@@ -1,9 +1,11 @@
 """The compiled pieces of training: forward pass, loss, optimizer, train step and held-out evaluation.
 
-The train state is a dict {'step', 'trainable', 'opt_state'}.  `trainable` is the method's adapter tree
-(the frozen base params travel separately and are never differentiated) or, for full fine-tuning,
-the whole parameter tree (then the frozen tree is empty).  What differs between model kinds (inputs,
-label alignment, metrics) comes from the task adapter (`train.tasks`).
+The train state is a dict {'step', 'trainable', 'opt_state', 'method_state'}.  `trainable` is the method's
+adapter tree (the frozen base params travel separately and are never differentiated) or, for full fine-tuning,
+the whole parameter tree (then the frozen tree is empty); 'method_state' is what a method keeps besides its
+trainable leaves (replicated; empty for most methods).  What differs between model kinds (inputs, label
+alignment, metrics) comes from the task adapter (`train.tasks`).  Every array is a global jax.Array placed on
+the device mesh (`peftjax.sharding`); batches arrive sharded over the mesh's (data, fsdp) axes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import optax
 
 import peftjax as pj
+from peftjax import distributed, sharding
 from peftjax.models import t5
 
 from train import data
@@ -64,35 +67,34 @@ def make_optimizer(opt: Any, total_steps: int) -> tuple[optax.GradientTransforma
   return tx, schedule
 
 
-def make_train_step(forward, task, tx: optax.GradientTransformation, schedule: optax.Schedule, seed: int):
-  """One jit-compiled step: train_step(state, frozen, batch) -> (state, metrics).
+def make_loss(forward, task, extra_loss: Callable[[Any], jax.Array] | None = None):
+  """loss_fn(trainable, frozen, batch, rng) -> (summed cross-entropy, number of labels), the pair the sharded
+  step divides (so micro-batches of unequal label counts add up to the full-batch mean).
 
-  Differentiates the mean cross-entropy (over the labels `task` aligns with the logits) with respect
-  to state['trainable'] only.  Dropout uses fold_in(key(seed), step), so a resumed run draws the same
-  masks.  A non-finite loss or gradient keeps 'trainable' and 'opt_state' unchanged
-  (metrics['skipped'] is 1); the step counter still advances past the batch.
+  `extra_loss(trainable) -> scalar` (a method's regulariser) is added to the mean loss: as extra x count here.
   """
   def loss_fn(trainable, frozen, batch, rng):
     total, count, _ = cross_entropy(*task.aligned(forward(trainable, frozen, batch, rng), batch["labels"]))
-    return total / jnp.maximum(count, 1)
+    if extra_loss is not None:  # method hook: extra loss term
+      total = total + extra_loss(trainable) * count
+    return total, count
+  return loss_fn
 
-  grad_fn = jax.value_and_grad(loss_fn)  # argnums=0: the trainable tree only
 
-  @jax.jit
-  def train_step(state, frozen, batch):
-    rng = jax.random.fold_in(jax.random.key(seed), state["step"])
-    loss, grads = grad_fn(state["trainable"], frozen, batch, rng)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-    trainable = optax.apply_updates(state["trainable"], updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = {"step": state["step"] + 1, "trainable": keep_if_finite(trainable, state["trainable"]),
-                 "opt_state": keep_if_finite(opt_state, state["opt_state"])}
-    metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32),
-               "learning_rate": schedule(state["step"])}
-    return new_state, metrics
-  return train_step, grad_fn
+def make_train_step(forward, task, tx: optax.GradientTransformation, shardings: dict, *, micro_batches: int = 1,
+                    seed: int = 0, extra_loss=None, post_update=None):
+  """One sharded, jit-compiled step: train_step(state, frozen, batch) -> (state, metrics).
+
+  `shardings` is {'state': train-state shardings, 'frozen': frozen-tree shardings} (`train.loop.shard`).
+  Differentiates the mean cross-entropy (over the labels `task` aligns with the logits) with respect to
+  state['trainable'] only, summing the gradients of `micro_batches` parts of the batch before one update.
+  Dropout uses fold_in(key(seed), step), so a resumed run draws the same masks.  A non-finite loss or gradient
+  keeps the state unchanged (metrics['skipped'] is 1); the step counter still advances past the batch.
+  `post_update(state, grads) -> state` (method hook: e.g. AdaLoRA's rank allocation) runs after the optimizer
+  update inside the step (see `peftjax.sharding.make_train_step`).
+  """
+  return sharding.make_train_step(make_loss(forward, task, extra_loss), tx, shardings["state"], shardings["frozen"],
+                                  micro_batches=micro_batches, seed=seed, post_update=post_update)
 
 
 def make_exact_match(model, method_cfg, tokenizer, max_new_tokens: int):
@@ -112,14 +114,16 @@ def make_exact_match(model, method_cfg, tokenizer, max_new_tokens: int):
     params = (frozen, trainable) if adapted else trainable
     tokens = t5.generate(model, params, batch["input_ids"], batch["attention_mask"], max_new_tokens=max_new_tokens,
                          apply_fn=generate_apply)
-    targets = np.where(batch["labels"] == data.IGNORE, tokenizer.pad_token_id, batch["labels"])
-    return sum(p == t for p, t in zip(text(np.asarray(tokens)[:real]), text(targets[:real])))
+    labels = distributed.to_host(batch["labels"])
+    targets = np.where(labels == data.IGNORE, tokenizer.pad_token_id, labels)
+    return sum(p == t for p, t in zip(text(distributed.to_host(tokens)[:real]), text(targets[:real])))
   return exact_match
 
 
-def make_evaluate(forward, task, batch_size: int, exact_match=None):
+def make_evaluate(forward, task, batch_size: int, put_batch: Callable[[dict], dict], exact_match=None):
   """evaluate(trainable, frozen, data) -> held-out metrics: 'loss' (mean over labels) and the task's own.
 
+  `put_batch` turns a batch of numpy rows into global arrays on the mesh (each process loading its rows).
   Sequence classification adds 'accuracy', a causal LM 'perplexity'; with `exact_match` (see
   `make_exact_match`) the fraction of rows whose generated text equals the target is 'exact_match'.
   """
@@ -130,8 +134,9 @@ def make_evaluate(forward, task, batch_size: int, exact_match=None):
   def evaluate(trainable, frozen, rows: dict) -> dict:
     total = count = correct = matches = 0.0
     for batch, real in data.padded_batches(rows, batch_size):
-      batch_total, batch_count, batch_correct = sums(trainable, frozen, batch)
-      total, count, correct = total + float(batch_total), count + float(batch_count), correct + float(batch_correct)
+      batch = put_batch(batch)
+      batch_total, batch_count, batch_correct = (float(distributed.to_host(x)) for x in sums(trainable, frozen, batch))
+      total, count, correct = total + batch_total, count + batch_count, correct + batch_correct
       if exact_match is not None:
         matches += exact_match(trainable, frozen, batch, real)
     metrics = task.metrics(total / max(count, 1.0), correct / max(count, 1.0))
