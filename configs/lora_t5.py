@@ -69,7 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
       logical_axis_rules=(),       # ((logical axis, mesh axis / tuple of them / None), ...); (): DEFAULT_RULES
       micro_batches=1,             # gradient accumulation: batch_size splits into this many parts per update
       frozen_dtype="float32",      # or "bfloat16": frozen base weights stored in bf16 (adapters stay float32)
-      remat=False,                 # True is refused: the T5 model has no remat option
+      remat=False,                 # recompute each layer's activations in the backward pass (less memory)
       # Multi-process jobs (or the env vars PEFTJAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID; on a TPU pod
       # PEFTJAX_DIST_INIT=1 finds the peers itself): "host:port" of process 0, process count, this process.
       coordinator_address="", num_processes=0, process_id=-1))

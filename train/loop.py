@@ -142,10 +142,7 @@ def load_model(config: ml_collections.ConfigDict, num_labels: int = 2):
     model, params = family.pretrained(path, num_labels, jax.random.fold_in(jax.random.key(config.seed), 0))
   model = model.clone(dtype=DTYPES[config.compute_dtype])
   if scale_settings(config).remat:
-    try:
-      model = sharding.with_remat(model)
-    except ValueError as e:
-      raise ValueError(f"config.scale.remat=True: {e}") from e
+    model = sharding.with_remat(model)
   own = path is not None and (path.endswith(".gguf") or any(
       os.path.exists(os.path.join(path, f)) for f in ("tokenizer_config.json", "tokenizer.json")))
   if not (config.tokenizer or own or family.default_tokenizer):
