@@ -2,10 +2,22 @@
 
 from peftjax import models, tree
 from peftjax.api import apply, init, merge, unmerge
+from peftjax.methods.adalora import AdaLoraConfig
+from peftjax.methods.bitfit import BitFitConfig
+from peftjax.methods.bottleneck_adapter import (BnConfig, DoubleSeqBnConfig, HoulsbyConfig, ParallelConfig, ParBnConfig,
+                                               PfeifferConfig, SeqBnConfig)
+from peftjax.methods.dora import DoraConfig
+from peftjax.methods.ia3 import IA3Config
 from peftjax.methods.lora import LoraConfig
+from peftjax.methods.modules_to_save import ModulesToSaveConfig
+from peftjax.methods.p_tuning import PTuningConfig
+from peftjax.methods.prefix_tuning import PrefixTuningConfig, PTuningV2Config
+from peftjax.methods.prompt_tuning import PromptTuningConfig
 from peftjax.tree import combine, count, mask, optax_freeze, print_trainable_parameters, split
 
 __all__ = [
-    "LoraConfig", "apply", "combine", "count", "init", "mask", "merge", "models", "optax_freeze",
-    "print_trainable_parameters", "split", "tree", "unmerge",
+    "AdaLoraConfig", "BitFitConfig", "BnConfig", "DoraConfig", "DoubleSeqBnConfig", "HoulsbyConfig", "IA3Config",
+    "LoraConfig", "ModulesToSaveConfig", "PTuningConfig", "PTuningV2Config", "ParBnConfig", "ParallelConfig",
+    "PfeifferConfig", "PrefixTuningConfig", "PromptTuningConfig", "SeqBnConfig", "apply", "combine", "count", "init", "mask", "merge", "models",
+    "optax_freeze", "print_trainable_parameters", "split", "tree", "unmerge",
 ]
