@@ -22,6 +22,7 @@ import peftjax as pj
 from peftjax import tree as ptree
 from peftjax.methods import bottleneck_adapter as bn
 from peftjax.methods import mam, prefix_tuning, unipelt
+from peftjax.models import gpt2
 
 K = 3  # prefix positions
 KINDS = {
@@ -139,6 +140,26 @@ def test_unipelt_gates_open_half_and_closed(zoo, kind):
   expected = pj.apply(zero_prefix, model.apply)(params, {"embedding": jnp.zeros_like(table)}, **batch)
   assert _max_diff(closed, expected) < 1e-5
   assert _max_diff(closed, base) > 1e-3  # zero keys and values still take attention weight
+
+
+def test_unipelt_on_layer_stacked_gpt2(zoo):
+  """A scanned GPT-2 with the stacked tree (random gates, so each example gets its own gate values) gives the
+  unrolled model's outputs; init on the stacked parameters gives the stacked tree's shapes."""
+  model, params = zoo("gpt2")
+  batch = _batch("gpt2")
+  cfg = _unipelt("gpt2")
+  tree = pj.init(cfg, jax.random.key(0), params)
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  tree = jax.tree.unflatten(treedef, [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
+  stacked = {part: sub if part == "prefix" else gpt2.stack_layers(sub) for part, sub in tree.items()}
+  scanned_model, scanned_params = model.clone(scan_layers=True), gpt2.stack_layers(params)
+  unrolled = pj.apply(cfg, model.apply)(params, tree, **batch)
+  scanned = pj.apply(cfg, scanned_model.apply)(scanned_params, stacked, **batch)
+  assert _max_diff(unrolled, scanned) < 1e-5
+  assert _max_diff(unrolled, model.apply({"params": params}, **batch)) > 1e-2
+  shapes = lambda t: jax.tree.map(np.shape, t)  # noqa: E731
+  assert shapes(pj.init(cfg, jax.random.key(0), scanned_params)) == shapes(stacked)
 
 
 def test_unipelt_tree_and_counts_by_hand(zoo):
