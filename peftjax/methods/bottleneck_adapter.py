@@ -253,49 +253,58 @@ def adapter_modules(adapters: ptree.Tree) -> dict[str, dict]:
   return {host: ptree.unflatten(leaves) for host, leaves in modules.items()}
 
 
-def _adapter(cfg: BnConfig, host: nn.Module, x: jax.Array) -> jax.Array:
-  """s * f(x W_down + b_down) W_up + b_up for the adapter held by `host`, with dropout when a 'dropout' rng is given."""
-  down, up = host.get_variable(COLLECTION, DOWN), host.get_variable(COLLECTION, UP)
+def _adapter(cfg: BnConfig, host: nn.Module, x: jax.Array, collection: str = COLLECTION,
+             gate: Callable[[nn.Module, jax.Array], jax.Array] | None = None) -> jax.Array:
+  """s * f(x W_down + b_down) W_up + b_up for the adapter held by `host` in `collection`, times `gate(host, x)` when
+  given, with dropout when a 'dropout' rng is given."""
+  down, up = host.get_variable(collection, DOWN), host.get_variable(collection, UP)
   h = NON_LINEARITIES[cfg.non_linearity](x @ down["kernel"].astype(x.dtype) + down["bias"].astype(x.dtype))
   out = (h @ up["kernel"].astype(x.dtype) + up["bias"].astype(x.dtype)) * cfg.scaling
+  if gate is not None:
+    out = out * gate(host, x)
   if cfg.dropout > 0.0 and host.has_rng("dropout"):
     keep = jax.random.bernoulli(host.make_rng("dropout"), 1.0 - cfg.dropout, out.shape)
     out = jnp.where(keep, out / (1.0 - cfg.dropout), 0.0)
   return out.astype(x.dtype)
 
 
-def _interceptor(cfg: BnConfig):
+def interceptor(cfg: BnConfig, collection: str = COLLECTION,
+                gate: Callable[[nn.Module, jax.Array], jax.Array] | None = None):
+  """The linen interceptor that inserts the adapters found in `collection`, each output times `gate(host, x)` when
+  given (x: the adapter's input)."""
+  adapter = functools.partial(_adapter, cfg, collection=collection, gate=gate)
+
   def intercept(next_fun, args, kwargs, context):
     module = context.module
     if context.method_name != "__call__":
       return next_fun(*args, **kwargs)
-    if module.has_variable(COLLECTION, DOWN):
+    if module.has_variable(collection, DOWN):
       if type(module).__name__ in POST_LN_BLOCKS:
         if not cfg.is_parallel:  # the serial adapter sits on a child call (below)
           return next_fun(*args, **kwargs)
         h, residual, *rest = args
-        return next_fun(h, residual + _adapter(cfg, module, residual), *rest, **kwargs)
+        return next_fun(h, residual + adapter(module, residual), *rest, **kwargs)
       out = next_fun(*args, **kwargs)
       y = out[0] if isinstance(out, tuple) else out
-      y = y + _adapter(cfg, module, args[0] if cfg.is_parallel else y)
+      y = y + adapter(module, args[0] if cfg.is_parallel else y)
       return (y, *out[1:]) if isinstance(out, tuple) else y
     parent = module.parent
     child = nn.LayerNorm if cfg.original_ln_before else nn.Dropout
     if (cfg.is_parallel or not isinstance(module, child) or not isinstance(parent, nn.Module)
-        or type(parent).__name__ not in POST_LN_BLOCKS or not parent.has_variable(COLLECTION, DOWN)):
+        or type(parent).__name__ not in POST_LN_BLOCKS or not parent.has_variable(collection, DOWN)):
       return next_fun(*args, **kwargs)
     if cfg.original_ln_before:  # LN(z + a(LN(z))) with z = dropout(dense(h)) + residual
       z = args[0]
       normed = module.clone(parent=None).apply({"params": module.variables["params"]}, z)  # a second LN call
-      return next_fun(z + _adapter(cfg, parent, normed))
+      return next_fun(z + adapter(parent, normed))
     y = next_fun(*args, **kwargs)  # dropout(dense(h))
-    return y + _adapter(cfg, parent, y)
+    return y + adapter(parent, y)
   return intercept
 
 
 def wrap(cfg: BnConfig, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   """`apply_fn` (model.apply's signature) with the adapters of `variables["bottleneck"]` inserted."""
   def adapted(variables, *args, **kwargs):
-    with nn.intercept_methods(_interceptor(cfg)):
+    with nn.intercept_methods(interceptor(cfg)):
       return apply_fn(variables, *args, **kwargs)
   return adapted

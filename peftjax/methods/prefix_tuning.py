@@ -156,12 +156,13 @@ def _add_prefixes(cfg: PrefixTuningConfig, table: jax.Array, layout, module, met
   return call(args)
 
 
-def wrap(cfg: PrefixTuningConfig, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
-  """`apply_fn` (model.apply's signature) with the prefixes of `variables["prefix_tuning"]` in every layer."""
+def wrap(cfg: PrefixTuningConfig, apply_fn: Callable[..., Any], collection: str = COLLECTION) -> Callable[..., Any]:
+  """`apply_fn` (model.apply's signature) with the prefixes of `variables[collection]` (default "prefix_tuning")
+  in every layer."""
 
   def adapted(variables, *args, **kwargs):
     variables = dict(variables)
-    table = prefix_table(cfg, variables.pop(COLLECTION))
+    table = prefix_table(cfg, variables.pop(collection))
     layout, _ = layers_and_width(cfg, variables["params"])
     transform = lambda *a: _add_prefixes(cfg, table, layout, *a)  # noqa: E731
     with nn.intercept_methods(prompt_tuning.top_level_interceptor(transform)):
