@@ -17,50 +17,11 @@ import peftjax as pj
 from peftjax import interop
 from peftjax import tree as ptree
 from peftjax.methods import bottleneck_adapter, ia3, lora, modules_to_save, p_tuning, prefix_tuning, prompt_tuning
+# The tiny random models (bert_seq, gpt2, llama with grouped-query keys, t5), their checkpoint folders and PEFT's
+# prompt configs are test_prompts'; K is its number of virtual tokens.
+from test_prompts import K, KINDS, _max_diff, _peft_config, _torch_model, checkpoints  # noqa: F401 (a fixture)
 
-K = 3  # virtual tokens
-BERT = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-            max_position_embeddings=40)
 T5 = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
-# kind -> (transformers class, config, PEFT task type)
-KINDS = {
-    "bert_seq": ("BertForSequenceClassification", transformers.BertConfig(**BERT, num_labels=3), "SEQ_CLS"),
-    "gpt2": ("GPT2LMHeadModel", transformers.GPT2Config(vocab_size=101, n_positions=48, n_embd=32, n_layer=2,
-                                                        n_head=4, bos_token_id=1, eos_token_id=2), "CAUSAL_LM"),
-    "llama": ("LlamaForCausalLM", transformers.LlamaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2), "CAUSAL_LM"),
-    "t5": ("T5ForConditionalGeneration", transformers.T5Config(**T5), "SEQ_2_SEQ_LM"),
-}
-
-
-def _torch_model(kind: str):
-  """Random transformers model (seed 0) with uneven norms, visible biases and weights that move the residual."""
-  name, config, _ = KINDS[kind]
-  torch.manual_seed(0)
-  model = getattr(transformers, name)(config)
-  with torch.no_grad():
-    for param_name, param in model.named_parameters():
-      if "norm" in param_name.lower() or ".ln_" in param_name:
-        param.uniform_(0.5, 1.5)
-      elif param_name.endswith("bias"):
-        param.normal_(0.0, 0.1)
-      elif not any(e in param_name for e in ("embed", "wte", "wpe", "shared")):
-        param.normal_(0.0, 0.15)
-  return model.eval()
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-  """{kind: folder written by transformers' save_pretrained}, created on first use."""
-  folders = {}
-
-  def folder(kind: str) -> str:
-    if kind not in folders:
-      folders[kind] = str(tmp_path_factory.mktemp(kind))
-      _torch_model(kind).save_pretrained(folders[kind])
-    return folders[kind]
-  return folder
 
 
 def _batch(kind: str) -> dict:
@@ -85,14 +46,11 @@ def _ours(kind: str, checkpoints, cfg, adapters, batch: dict) -> np.ndarray:
   return np.asarray(jax.jit(pj.apply(cfg, model.apply))(params, adapters, **batch))
 
 
-def _max_diff(a, b) -> float:
-  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-
-
-def _uniform(tree, seed: int, low: float, high: float):
+def _moved(tree, seed: int, low: float, high: float):
+  """`tree` plus uniform(low, high) noise (float32 numpy leaves)."""
   leaves, treedef = jax.tree.flatten(tree)
   rng = np.random.default_rng(seed)
-  return jax.tree.unflatten(treedef, [np.float32(l) + rng.uniform(low, high, np.shape(l)).astype(np.float32)
+  return jax.tree.unflatten(treedef, [np.asarray(l, np.float32) + rng.uniform(low, high, np.shape(l)).astype(np.float32)
                                       for l in leaves])
 
 
@@ -128,7 +86,7 @@ def test_weight_methods_with_modules_to_save_both_ways(checkpoints, case, tmp_pa
   model, params = pj.models.from_pretrained(checkpoints(kind))
   vectors, copies = pj.init(cfgs, jax.random.key(0), params)
   low = 0.0 if isinstance(cfg, lora.LoraConfig) else -0.5  # IA3 vectors 0.5..1.5 (from ones), LoRA factors moved
-  adapters = (_uniform(vectors, 1, low, 0.5), _uniform(copies, 2, -0.5, 0.5))
+  adapters = (_moved(vectors, 1, low, 0.5), _moved(copies, 2, -0.5, 0.5))
   batch = _batch(kind)
   ours = _ours(kind, checkpoints, cfgs, adapters, batch)
   assert _max_diff(ours, model.apply({"params": params}, **batch)) > 1e-2
@@ -169,7 +127,7 @@ def test_ia3_shapes_and_t5_gated_names(tmp_path):
   torch_model.save_pretrained(str(tmp_path / "base"))
   _, params = pj.models.from_pretrained(str(tmp_path / "base"))
   cfg = ia3.IA3Config(targets=("k", "wi_1", "wo"), feedforward=("wo",))
-  adapters = _uniform(pj.init(cfg, jax.random.key(0), params), 0, -0.5, 0.5)
+  adapters = _moved(pj.init(cfg, jax.random.key(0), params), 0, -0.5, 0.5)
   interop.save_adapter(str(tmp_path / "ours"), cfg, adapters, task_type="SEQ_2_SEQ_LM")
   peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "ours"))
   vectors = {n: p for n, p in peft_model.named_parameters() if ".ia3_l." in n}
@@ -196,16 +154,6 @@ PROMPT_CASES = {
 }
 
 
-def _peft_prompt_config(cfg, task_type: str):
-  common = dict(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens)
-  if isinstance(cfg, prompt_tuning.PromptTuningConfig):
-    return peft.PromptTuningConfig(**common)
-  if isinstance(cfg, p_tuning.PTuningConfig):
-    return peft.PromptEncoderConfig(**common, encoder_reparameterization_type=cfg.encoder_type.upper(),
-                                    encoder_hidden_size=cfg.encoder_hidden_size, encoder_num_layers=cfg.encoder_num_layers)
-  return peft.PrefixTuningConfig(**common, prefix_projection=cfg.projection, encoder_hidden_size=cfg.encoder_hidden_size)
-
-
 def _folded(cfg, adapters):
   module = pj.api.method_module(cfg)
   return module.fold(cfg, adapters) if hasattr(module, "fold") else (cfg, adapters)
@@ -219,7 +167,7 @@ def test_soft_prompts_both_ways(checkpoints, case, tmp_path):
   cfgs, adapters = cfg, pj.init(cfg, jax.random.key(1), params)
   if kind == "bert_seq":  # PEFT trains (and saves) the classification head with the prompts
     cfgs = [cfg, modules_to_save.ModulesToSaveConfig(("classifier",))]
-    adapters = (adapters, _uniform(pj.init(cfgs[1], jax.random.key(0), params), 2, -0.5, 0.5))
+    adapters = (adapters, _moved(pj.init(cfgs[1], jax.random.key(0), params), 2, -0.5, 0.5))
   batch = _batch(kind)
   ours = _ours(kind, checkpoints, cfgs, adapters, batch)
   assert _max_diff(ours, model.apply({"params": params}, **batch)) > 1e-2
@@ -242,7 +190,7 @@ def test_soft_prompts_both_ways(checkpoints, case, tmp_path):
 
   # (b) PEFT -> ours: PEFT's randomly initialised encoder (seed 5), and a moved head, saved folded by PEFT
   torch.manual_seed(5)
-  peft_model = peft.get_peft_model(_torch_model(kind), _peft_prompt_config(cfg, task_type)).eval()
+  peft_model = peft.get_peft_model(_torch_model(kind), _peft_config(cfg, task_type)).eval()
   if kind == "bert_seq":
     with torch.no_grad():
       peft_model.base_model.classifier.modules_to_save["default"].weight.add_(0.3)
@@ -275,13 +223,14 @@ def test_errors(checkpoints, tmp_path):
   with pytest.raises(ValueError, match=r"saving a PromptTuningConfig needs task_type"):
     interop.save_adapter(folder, prompts, table)
   with pytest.raises(ValueError, match=r"placeholder_token_id=-1 has no Hugging Face PEFT equivalent"):
-    interop.save_adapter(folder, prompt_tuning.PromptTuningConfig(K, placeholder_token_id=-1), table, task_type="CAUSAL_LM")
+    interop.save_adapter(folder, prompt_tuning.PromptTuningConfig(K, placeholder_token_id=-1), table,
+                         task_type="CAUSAL_LM")
   with pytest.raises(ValueError, match=r"takes one method config, optionally listed with one ModulesToSaveConfig"):
     interop.save_adapter(folder, [modules_to_save.ModulesToSaveConfig(("ln_f",))], ({},))
   prefixes = prefix_tuning.PTuningV2Config(K)
   interop.save_adapter(folder, prefixes, pj.init(prefixes, jax.random.key(0), params), task_type="CAUSAL_LM")
   assert ptree.count(interop.load_adapter(folder, params)[1]) == K * 2 * 2 * 32
   _, llama_params = pj.models.from_pretrained(checkpoints("llama"))  # 2 of 4 heads for keys: width 16
-  with pytest.raises(ValueError, match=r"'prompt_embeddings' has shape \(3, 128\) but this model and "
-                                       r"num_virtual_tokens=3 need \(3, 64\)"):
+  with pytest.raises(ValueError, match=rf"'prompt_embeddings' has shape \({K}, 128\) but this model and "
+                                       rf"num_virtual_tokens={K} need \({K}, 64\)"):
     interop.load_adapter(folder, llama_params)
