@@ -1,18 +1,30 @@
 """Hugging Face PEFT adapter folders (adapter_config.json + adapter_model.safetensors), both directions.
 
-PEFT stores LoRA factors in PyTorch layout under the model's module names:
-``base_model.model.<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r); ours are
-(in, r) and (r, out), so both are transposed on the way in and out.  DoRA adapters (``use_dora: true``)
-add ``...<module>.lora_magnitude_vector`` (out,), with no ``.weight`` suffix.  Per-module ranks and
-alphas travel as ``rank_pattern`` / ``alpha_pattern``.  AdaLoRA (``peft_type: ADALORA``) stores
-``<module>.lora_A`` (r, in), ``.lora_E`` (r, 1) and ``.lora_B`` (out, r), cut down to the singular values its
-``rank_pattern`` keeps.  Only safetensors are read.
+`save_adapter` / `load_adapter` pick the format by config class / by the file's ``peft_type``; the
+method-specific functions below stay for LoRA and AdaLoRA.  Tensor names are the PyTorch model's module
+names under ``base_model.model.``:
+
+- LoRA (``LORA``): ``<module>.lora_A.weight`` (r, in) and ``...lora_B.weight`` (out, r); ours are (in, r) and
+  (r, out), so both are transposed on the way in and out.  DoRA adapters (``use_dora: true``) add
+  ``<module>.lora_magnitude_vector`` (out,).  Per-module ranks and alphas travel as ``rank_pattern`` /
+  ``alpha_pattern``.
+- AdaLoRA (``ADALORA``): ``<module>.lora_A`` (r, in), ``.lora_E`` (r, 1) and ``.lora_B`` (out, r), cut down to
+  the singular values its ``rank_pattern`` keeps.
+- (IA)³ (``IA3``): ``<module>.ia3_l``, (out, 1) for output scaling and (1, in) for the `feedforward_modules`
+  (input scaling), also for GPT-2's Conv1D layers (``fan_in_fan_out: true``).
+- modules_to_save (a `ModulesToSaveConfig` listed with the method): the modules' full weights under their own
+  names, ``<module>.weight`` / ``.bias`` (PyTorch layout), and their names in ``modules_to_save``.
+- the soft-prompt family: see `peftjax.interop_prompts` (one ``prompt_embeddings`` tensor; modules_to_save
+  tensors there sit under ``base_model.`` only).
+
+Only safetensors are read.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -22,27 +34,56 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from peftjax import interop_prompts
 from peftjax import tree as ptree
-from peftjax.methods import adalora, dora, lora
+from peftjax.methods import adalora, dora, ia3, lora, modules_to_save
+from peftjax.models import hf_io
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+PROMPT_PREFIX = "base_model."  # PEFT's prompt-learning models hold the transformers model directly
+PEFT_TYPES = ("LORA", "ADALORA", "IA3", *interop_prompts.PEFT_TYPES)
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+# T5's wi_0 / wi_1 and GPT-2's ln_1 / ln_2 are module names, not list indices.
+_NOT_INDICES = re.compile(r"\.(wi|ln)\.(\d+)(?=\.|$)")
 
 
-def _target_modules(cfg: lora.LoraConfig, modules: list[str]) -> list[str]:
+def _hf_module(path: str) -> str:
+  """Our module path -> the PyTorch module name: 'decoder/block_0/layer_2/DenseReluDense/wi_0' -> '...wi_0'."""
+  return _NOT_INDICES.sub(r".\1_\2", ptree.hf_name(path))
+
+
+def _hf_key(path: str) -> str:
+  """Our leaf path -> the PyTorch parameter name ('.../kernel' -> '....weight')."""
+  return _NOT_INDICES.sub(r".\1_\2", hf_io.hf_key(path))
+
+
+def _is_conv1d(path: str) -> bool:
+  """GPT-2's layers (everything under transformer/) are Conv1D, whose weights PyTorch stores (in, out) like ours."""
+  return path.startswith("transformer/")
+
+
+def _torch_layout(path: str, value: np.ndarray) -> np.ndarray:
+  """A leaf in PyTorch's layout (Linear kernels transposed; the transposition is its own inverse)."""
+  transposed = path.endswith("/kernel") and not _is_conv1d(path)
+  return np.ascontiguousarray(np.swapaxes(value, -1, -2) if transposed else value)
+
+
+def _common(base_model_name_or_path: str | None, task_type: str | None, modules: list[str] | None = None) -> dict:
+  if task_type not in (None, *TASK_TYPES):
+    raise ValueError(f"task_type={task_type!r} is not a Hugging Face PEFT task type; valid: None, {TASK_TYPES}.")
+  return {"modules_to_save": modules, "inference_mode": True, "task_type": task_type,
+          "base_model_name_or_path": base_model_name_or_path}
+
+
+def _target_modules(cfg, modules: list[str]) -> list[str]:
   if isinstance(cfg.targets, tuple) and not cfg.exclude:
     return sorted(cfg.targets)
-  return sorted(ptree.hf_name(m) for m in modules)  # regex / all-linear / exclude: the exact module list
+  return sorted(_hf_module(m) for m in modules)  # regex / all-linear / exclude: the exact module list
 
 
-def save_lora_adapter(folder: str, cfg: lora.LoraConfig, adapters: dict, base_model_name_or_path: str | None = None,
-                      task_type: str | None = None) -> None:
-  """Writes LoRA or DoRA `adapters` as a Hugging Face PEFT adapter folder that `PeftModel.from_pretrained` loads.
-
-  The file says ``init_lora_weights: true`` for PiSSA adapters: they belong to the residual base weights
-  that `lora.pissa_init` returned, and PEFT would otherwise redo PiSSA on the base it loads them into.
-  """
+def _lora_files(cfg: lora.LoraConfig, adapters: dict) -> tuple[dict, dict]:
   use_dora = isinstance(cfg, dora.DoraConfig)
   modules = lora.adapter_modules(adapters)
   tensors = {}
@@ -53,7 +94,7 @@ def save_lora_adapter(folder: str, cfg: lora.LoraConfig, adapters: dict, base_mo
     if a.shape[-1] != cfg.module_rank(path):
       raise ValueError(f"adapter {path!r} has rank {a.shape[-1]} but {type(cfg).__name__} gives it rank "
                        f"{cfg.module_rank(path)} (from rank and rank_pattern).")
-    name = PREFIX + ptree.hf_name(path)
+    name = PREFIX + _hf_module(path)
     tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
     tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
     if use_dora:
@@ -61,12 +102,21 @@ def save_lora_adapter(folder: str, cfg: lora.LoraConfig, adapters: dict, base_mo
   config = {
       "peft_type": "LORA", "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
       "target_modules": _target_modules(cfg, list(modules)), "use_rslora": cfg.use_rslora, "use_dora": use_dora,
-      "bias": "none", "modules_to_save": None, "rank_pattern": dict(cfg.rank_pattern),
-      "alpha_pattern": dict(cfg.alpha_pattern), "fan_in_fan_out": False,
-      "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True, "inference_mode": True,
-      "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+      "bias": "none", "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern),
+      "fan_in_fan_out": False, "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
   }
-  _write_folder(folder, config, tensors)
+  return config, tensors
+
+
+def save_lora_adapter(folder: str, cfg: lora.LoraConfig, adapters: dict, base_model_name_or_path: str | None = None,
+                      task_type: str | None = None) -> None:
+  """Writes LoRA or DoRA `adapters` as a Hugging Face PEFT adapter folder that `PeftModel.from_pretrained` loads.
+
+  The file says ``init_lora_weights: true`` for PiSSA adapters: they belong to the residual base weights
+  that `lora.pissa_init` returned, and PEFT would otherwise redo PiSSA on the base it loads them into.
+  """
+  config, tensors = _lora_files(cfg, adapters)
+  _write_folder(folder, {**config, **_common(base_model_name_or_path, task_type)}, tensors)
 
 
 def _write_folder(folder: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
@@ -86,6 +136,24 @@ def _write_folder(folder: str, config: dict, tensors: dict[str, np.ndarray]) -> 
     raise
 
 
+def _read_folder(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
+  """(adapter_config.json, {tensor name: numpy array}) of a PEFT adapter folder."""
+  with open(os.path.join(folder, ADAPTER_CONFIG)) as f:
+    config = json.load(f)
+  with safe_open(os.path.join(folder, ADAPTER_WEIGHTS), framework="numpy") as f:
+    return config, {key: f.get_tensor(key) for key in f.keys()}
+
+
+def _check_peft_type(folder: str, config: dict, peft_type: str) -> None:
+  if config.get("peft_type") != peft_type:
+    raise ValueError(f"{folder!r}: adapter_config.json peft_type={config.get('peft_type')!r}; "
+                     f"only {peft_type!r} is read here.")
+
+
+def _targets(value) -> str | tuple[str, ...]:
+  return value if isinstance(value, str) else tuple(sorted(value or ()))
+
+
 def _init_name(value, use_dora: bool) -> str:
   """Our `init` for PEFT's init_lora_weights (only informative for a trained adapter)."""
   if isinstance(value, str) and (value == "gaussian" or (value.startswith("pissa") and not use_dora)):
@@ -93,75 +161,76 @@ def _init_name(value, use_dora: bool) -> str:
   return "default"
 
 
-def load_lora_adapter(folder: str, params: dict) -> tuple[lora.LoraConfig, dict]:
-  """Reads a Hugging Face PEFT LoRA or DoRA folder for the base tree `params`: (LoraConfig | DoraConfig, adapter tree).
-
-  `params` may hold arrays or jax.ShapeDtypeStruct leaves (only shapes are checked).
-  """
-  with open(os.path.join(folder, ADAPTER_CONFIG)) as f:
-    config = json.load(f)
-  if config.get("peft_type") != "LORA":
-    raise ValueError(f"{folder!r}: adapter_config.json peft_type={config.get('peft_type')!r}; "
-                     "only 'LORA' is read here.")
-  for key in ("modules_to_save", "lora_bias", "layer_replication"):
+def _lora_from(folder: str, config: dict, tensors: dict[str, np.ndarray], params: dict) -> tuple[lora.LoraConfig, dict]:
+  for key in ("lora_bias", "layer_replication"):
     if config.get(key):
-      raise ValueError(f"{folder!r}: adapter_config.json {key}={config[key]!r} is not supported by load_lora_adapter.")
+      raise ValueError(f"{folder!r}: adapter_config.json {key}={config[key]!r} is not supported.")
   if config.get("bias", "none") != "none":
     raise ValueError(f"{folder!r}: adapter_config.json bias={config['bias']!r} is not supported; only 'none' is.")
   use_dora = bool(config.get("use_dora", False))
-  targets = config.get("target_modules") or ()
   cfg = (dora.DoraConfig if use_dora else lora.LoraConfig)(
       rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
-      dropout=float(config.get("lora_dropout", 0.0)),
-      targets=targets if isinstance(targets, str) else tuple(sorted(targets)),
+      dropout=float(config.get("lora_dropout", 0.0)), targets=_targets(config.get("target_modules")),
       use_rslora=bool(config.get("use_rslora", False)), rank_pattern=config.get("rank_pattern") or {},
       alpha_pattern=config.get("alpha_pattern") or {},
       init=_init_name(config.get("init_lora_weights", True), use_dora))
   flat = ptree.flatten(params)
-  by_hf_name = {ptree.hf_name(m): m for m in ptree.linear_modules(params)}
+  by_hf_name = {_hf_module(m): m for m in ptree.linear_modules(params)}
   kinds = ("lora_A", "lora_B", dora.MAGNITUDE) if use_dora else ("lora_A", "lora_B")
   adapters = {}
-  with safe_open(os.path.join(folder, ADAPTER_WEIGHTS), framework="numpy") as f:
-    for key in f.keys():
-      name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-      module, kind = name, ""
-      if name.endswith("." + dora.MAGNITUDE):
-        module, kind = name[: -len(dora.MAGNITUDE) - 1], dora.MAGNITUDE
-      elif name.endswith(".weight") and name.count(".") >= 2:
-        module, kind, _ = name.rsplit(".", 2)
-      if kind not in kinds or module not in by_hf_name:
-        raise ValueError(f"{folder!r}: tensor {key!r} does not name a {'DoRA' if use_dora else 'LoRA'} factor of a "
-                         "linear module of this model.")
-      path = by_hf_name[module]
-      value = f.get_tensor(key).T
-      d_in, d_out = flat[f"{path}/kernel"].shape[-2:]
-      rank = cfg.module_rank(path)
-      expected = {"lora_A": (d_in, rank), "lora_B": (rank, d_out), dora.MAGNITUDE: (d_out,)}[kind]
-      if value.shape != expected:
-        raise ValueError(f"{folder!r}: tensor {key!r} has shape {f.get_tensor(key).shape} but this model needs "
-                         f"{expected[::-1]} (PyTorch layout) for {path!r}.")
-      adapters[f"{path}/{kind}"] = jnp.asarray(value, jnp.float32)
-  for path, adapter in lora.adapter_modules(ptree.unflatten(adapters)).items():
-    missing = [k for k in kinds if k not in adapter]
-    if missing:
-      raise ValueError(f"{folder!r}: module {ptree.hf_name(path)!r} has no {missing} tensor.")
+  for key, tensor in tensors.items():
+    name = key.removeprefix(PREFIX)
+    module, kind = name, ""
+    if name.endswith("." + dora.MAGNITUDE):
+      module, kind = name[: -len(dora.MAGNITUDE) - 1], dora.MAGNITUDE
+    elif name.endswith(".weight") and name.count(".") >= 2:
+      module, kind, _ = name.rsplit(".", 2)
+    if kind not in kinds or module not in by_hf_name:
+      raise ValueError(f"{folder!r}: tensor {key!r} does not name a {'DoRA' if use_dora else 'LoRA'} factor of a "
+                       "linear module of this model.")
+    path = by_hf_name[module]
+    value = tensor.T
+    d_in, d_out = flat[f"{path}/kernel"].shape[-2:]
+    rank = cfg.module_rank(path)
+    expected = {"lora_A": (d_in, rank), "lora_B": (rank, d_out), dora.MAGNITUDE: (d_out,)}[kind]
+    if value.shape != expected:
+      raise ValueError(f"{folder!r}: tensor {key!r} has shape {tensor.shape} but this model needs "
+                       f"{expected[::-1]} (PyTorch layout) for {path!r}.")
+    adapters[f"{path}/{kind}"] = jnp.asarray(value, jnp.float32)
+  _check_complete(folder, adapters, kinds)
   return cfg, ptree.unflatten(adapters)
 
 
-def save_adalora_adapter(folder: str, cfg: adalora.AdaLoraConfig, adapters: dict, state: dict | None = None,
-                         base_model_name_or_path: str | None = None, task_type: str | None = None) -> None:
-  """Writes AdaLoRA `adapters` as a Hugging Face PEFT adapter folder that `PeftModel.from_pretrained` loads.
+def _check_complete(folder: str, adapters: dict, kinds: tuple[str, ...]) -> None:
+  for path, adapter in lora.adapter_modules(ptree.unflatten(adapters)).items():
+    missing = [k for k in kinds if k not in adapter]
+    if missing:
+      raise ValueError(f"{folder!r}: module {_hf_module(path)!r} has no {missing} tensor.")
 
-  With the allocator `state`, the file carries its `rank_pattern` and, as PEFT saves them, only the singular
-  triplets the pattern keeps; without it, all init_r of every module.
+
+def load_lora_adapter(folder: str, params: dict) -> tuple[lora.LoraConfig, dict]:
+  """Reads a Hugging Face PEFT LoRA or DoRA folder for the base tree `params`: (LoraConfig | DoraConfig, adapter tree).
+
+  `params` may hold arrays or jax.ShapeDtypeStruct leaves (only shapes are checked).  Folders with
+  modules_to_save are read by `load_adapter`.
   """
-  pattern = None if state is None else adalora.rank_pattern(state)
+  config, tensors = _read_folder(folder)
+  _check_peft_type(folder, config, "LORA")
+  if config.get("modules_to_save"):
+    raise ValueError(f"{folder!r}: adapter_config.json modules_to_save={config['modules_to_save']!r} is not "
+                     "supported by load_lora_adapter; load_adapter reads it.")
+  return _lora_from(folder, config, tensors, params)
+
+
+def _adalora_files(cfg: adalora.AdaLoraConfig, adapters: dict, state: dict | None) -> tuple[dict, dict]:
+  pattern = None if state is None else {_NOT_INDICES.sub(r".\1_\2", k): v
+                                        for k, v in adalora.rank_pattern(state).items()}
   tensors = {}
   for path, adapter in lora.adapter_modules(adapters).items():
     a, e, b = (np.asarray(jax.device_get(adapter[k]), np.float32) for k in ("lora_A", "lora_E", "lora_B"))
     if e.ndim != 1:
       raise ValueError(f"adapter {path!r} is layer-stacked (shape {a.shape}); unstack scanned adapters before saving.")
-    name = ptree.hf_name(path)
+    name = _hf_module(path)
     keep = np.ones(e.shape, bool) if pattern is None else np.asarray(pattern[f"{name}.lora_E"], bool)
     tensors[f"{PREFIX}{name}.lora_A"] = np.ascontiguousarray(a[:, keep].T)
     tensors[f"{PREFIX}{name}.lora_E"] = np.ascontiguousarray(e[keep][:, None])
@@ -171,10 +240,64 @@ def save_adalora_adapter(folder: str, cfg: adalora.AdaLoraConfig, adapters: dict
       "lora_dropout": cfg.dropout, "target_modules": _target_modules(cfg, list(lora.adapter_modules(adapters))),
       "tinit": cfg.tinit, "tfinal": cfg.tfinal, "deltaT": cfg.delta_t, "beta1": cfg.beta1, "beta2": cfg.beta2,
       "orth_reg_weight": cfg.orth_reg_weight, "total_step": cfg.total_step, "rank_pattern": pattern,
-      "bias": "none", "modules_to_save": None, "fan_in_fan_out": False, "init_lora_weights": True,
-      "inference_mode": True, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+      "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True,
   }
-  _write_folder(folder, config, tensors)
+  return config, tensors
+
+
+def save_adalora_adapter(folder: str, cfg: adalora.AdaLoraConfig, adapters: dict, state: dict | None = None,
+                         base_model_name_or_path: str | None = None, task_type: str | None = None) -> None:
+  """Writes AdaLoRA `adapters` as a Hugging Face PEFT adapter folder that `PeftModel.from_pretrained` loads.
+
+  With the allocator `state`, the file carries its `rank_pattern` and, as PEFT saves them, only the singular
+  triplets the pattern keeps; without it, all init_r of every module.
+  """
+  config, tensors = _adalora_files(cfg, adapters, state)
+  _write_folder(folder, {**config, **_common(base_model_name_or_path, task_type)}, tensors)
+
+
+def _adalora_from(folder: str, config: dict, tensors: dict[str, np.ndarray],
+                  params: dict) -> tuple[adalora.AdaLoraConfig, dict, dict]:
+  cfg = adalora.AdaLoraConfig(
+      total_step=config.get("total_step"), init_r=int(config.get("init_r", 12)),
+      target_r=int(config.get("target_r", 8)), alpha=float(config.get("lora_alpha", 8)),
+      dropout=float(config.get("lora_dropout", 0.0)), targets=_targets(config.get("target_modules")),
+      tinit=int(config.get("tinit", 0)), tfinal=int(config.get("tfinal", 0)), delta_t=int(config.get("deltaT", 1)),
+      beta1=float(config.get("beta1", 0.85)), beta2=float(config.get("beta2", 0.85)),
+      orth_reg_weight=float(config.get("orth_reg_weight", 0.5)))
+  pattern = config.get("rank_pattern") or {}
+  flat = ptree.flatten(params)
+  by_hf_name = {_hf_module(m): m for m in ptree.linear_modules(params)}
+  adapters, masks = {}, {}
+  for key, value in tensors.items():
+    module, kind = key.removeprefix(PREFIX).rsplit(".", 1)
+    if kind not in ("lora_A", "lora_E", "lora_B") or module not in by_hf_name:
+      raise ValueError(f"{folder!r}: tensor {key!r} does not name an AdaLoRA factor of a linear module of this "
+                       "model.")
+    path = by_hf_name[module]
+    keep = np.asarray(pattern.get(f"{module}.lora_E", [True] * cfg.init_r), bool)
+    if keep.shape != (cfg.init_r,):
+      raise ValueError(f"{folder!r}: rank_pattern[{module + '.lora_E'!r}] has {keep.size} entries; it needs "
+                       f"init_r={cfg.init_r}.")
+    d_in, d_out = flat[f"{path}/kernel"].shape[-2:]
+    rank = int(keep.sum())
+    expected = {"lora_A": (rank, d_in), "lora_E": (rank, 1), "lora_B": (d_out, rank)}[kind]
+    if value.shape != expected:
+      raise ValueError(f"{folder!r}: tensor {key!r} has shape {value.shape} but this model and rank_pattern need "
+                       f"{expected} for {path!r}.")
+    full = np.zeros({"lora_A": (d_in, cfg.init_r), "lora_E": (cfg.init_r,), "lora_B": (cfg.init_r, d_out)}[kind],
+                    np.float32)
+    if kind == "lora_A":
+      full[:, keep] = value.T
+    elif kind == "lora_E":
+      full[keep] = value[:, 0]
+    else:
+      full[keep] = value.T
+    adapters[f"{path}/{kind}"] = jnp.asarray(full)
+    masks[f"{path}/lora_E"] = jnp.asarray(keep)
+  _check_complete(folder, adapters, ("lora_A", "lora_E", "lora_B"))
+  adapters = ptree.unflatten(adapters)
+  return cfg, adapters, {**adalora.init_state(adapters), "mask": ptree.unflatten(masks)}
 
 
 def load_adalora_adapter(folder: str, params: dict) -> tuple[adalora.AdaLoraConfig, dict, dict]:
@@ -183,55 +306,157 @@ def load_adalora_adapter(folder: str, params: dict) -> tuple[adalora.AdaLoraConf
   Adapters come back at init_r with zeros for the singular triplets the file's rank_pattern dropped, and the
   state's masks are that pattern (so training can go on with the same ranks).
   """
-  with open(os.path.join(folder, ADAPTER_CONFIG)) as f:
-    config = json.load(f)
-  if config.get("peft_type") != "ADALORA":
-    raise ValueError(f"{folder!r}: adapter_config.json peft_type={config.get('peft_type')!r}; "
-                     "only 'ADALORA' is read here.")
-  targets = config.get("target_modules") or ()
-  cfg = adalora.AdaLoraConfig(
-      total_step=config.get("total_step"), init_r=int(config.get("init_r", 12)),
-      target_r=int(config.get("target_r", 8)), alpha=float(config.get("lora_alpha", 8)),
-      dropout=float(config.get("lora_dropout", 0.0)),
-      targets=targets if isinstance(targets, str) else tuple(sorted(targets)),
-      tinit=int(config.get("tinit", 0)), tfinal=int(config.get("tfinal", 0)), delta_t=int(config.get("deltaT", 1)),
-      beta1=float(config.get("beta1", 0.85)), beta2=float(config.get("beta2", 0.85)),
-      orth_reg_weight=float(config.get("orth_reg_weight", 0.5)))
-  pattern = config.get("rank_pattern") or {}
+  config, tensors = _read_folder(folder)
+  _check_peft_type(folder, config, "ADALORA")
+  return _adalora_from(folder, config, tensors, params)
+
+
+def _ia3_files(cfg: ia3.IA3Config, adapters: dict) -> tuple[dict, dict]:
+  tensors, modules, feedforward = {}, [], []
+  for path, vector in ptree.flatten(adapters).items():
+    module, kind = path.rsplit("/", 1)
+    value = np.asarray(jax.device_get(vector), np.float32)
+    if value.ndim != 1:
+      raise ValueError(f"adapter {module!r} is layer-stacked (shape {value.shape}); unstack scanned adapters before "
+                       "saving.")
+    tensors[f"{PREFIX}{_hf_module(module)}.ia3_l"] = value[None, :] if kind == ia3.INPUT else value[:, None]
+    modules.append(module)
+    if kind == ia3.INPUT:
+      feedforward.append(module)
+  as_given = isinstance(cfg.targets, tuple) and isinstance(cfg.feedforward, tuple) and not cfg.exclude
+  config = {
+      "peft_type": "IA3",  # PEFT wants feedforward_modules inside target_modules: both as given or both exact
+      "target_modules": sorted(cfg.targets) if as_given else sorted(_hf_module(m) for m in modules),
+      "feedforward_modules": sorted(cfg.feedforward) if as_given else sorted(_hf_module(m) for m in feedforward),
+      "exclude_modules": None, "fan_in_fan_out": any(_is_conv1d(m) for m in modules), "init_ia3_weights": True,
+  }
+  return config, tensors
+
+
+def _ia3_from(folder: str, config: dict, tensors: dict[str, np.ndarray], params: dict) -> tuple[ia3.IA3Config, dict]:
+  if isinstance(config.get("exclude_modules"), str):
+    raise ValueError(f"{folder!r}: adapter_config.json exclude_modules={config['exclude_modules']!r} is a regex; "
+                     "only a list of module names is supported.")
+  cfg = ia3.IA3Config(targets=_targets(config.get("target_modules")),
+                      feedforward=_targets(config.get("feedforward_modules")),
+                      exclude=tuple(config.get("exclude_modules") or ()))
+  paths, feedforward = ia3.target_paths(cfg, params)
+  by_hf_name = {_hf_module(p): p for p in paths}
   flat = ptree.flatten(params)
-  by_hf_name = {ptree.hf_name(m): m for m in ptree.linear_modules(params)}
-  adapters, masks = {}, {}
-  with safe_open(os.path.join(folder, ADAPTER_WEIGHTS), framework="numpy") as f:
-    for key in f.keys():
-      module, kind = (key[len(PREFIX):] if key.startswith(PREFIX) else key).rsplit(".", 1)
-      if kind not in ("lora_A", "lora_E", "lora_B") or module not in by_hf_name:
-        raise ValueError(f"{folder!r}: tensor {key!r} does not name an AdaLoRA factor of a linear module of this "
-                         "model.")
-      path = by_hf_name[module]
-      keep = np.asarray(pattern.get(f"{module}.lora_E", [True] * cfg.init_r), bool)
-      if keep.shape != (cfg.init_r,):
-        raise ValueError(f"{folder!r}: rank_pattern[{module + '.lora_E'!r}] has {keep.size} entries; it needs "
-                         f"init_r={cfg.init_r}.")
-      d_in, d_out = flat[f"{path}/kernel"].shape[-2:]
-      rank = int(keep.sum())
-      value = f.get_tensor(key)
-      expected = {"lora_A": (rank, d_in), "lora_E": (rank, 1), "lora_B": (d_out, rank)}[kind]
-      if value.shape != expected:
-        raise ValueError(f"{folder!r}: tensor {key!r} has shape {value.shape} but this model and rank_pattern need "
-                         f"{expected} for {path!r}.")
-      full = np.zeros({"lora_A": (d_in, cfg.init_r), "lora_E": (cfg.init_r,), "lora_B": (cfg.init_r, d_out)}[kind],
-                      np.float32)
-      if kind == "lora_A":
-        full[:, keep] = value.T
-      elif kind == "lora_E":
-        full[keep] = value[:, 0]
-      else:
-        full[keep] = value.T
-      adapters[f"{path}/{kind}"] = jnp.asarray(full)
-      masks[f"{path}/lora_E"] = jnp.asarray(keep)
-  adapters = ptree.unflatten(adapters)
-  for path, adapter in lora.adapter_modules(adapters).items():
-    missing = [k for k in ("lora_A", "lora_E", "lora_B") if k not in adapter]
-    if missing:
-      raise ValueError(f"{folder!r}: module {ptree.hf_name(path)!r} has no {missing} tensor.")
-  return cfg, adapters, {**adalora.init_state(adapters), "mask": ptree.unflatten(masks)}
+  adapters = {}
+  for key, value in tensors.items():
+    module = key.removeprefix(PREFIX).removesuffix(".ia3_l")
+    if not key.endswith(".ia3_l") or module not in by_hf_name:
+      raise ValueError(f"{folder!r}: tensor {key!r} does not name the ia3_l vector of a target module of this model; "
+                       f"valid modules are {sorted(by_hf_name)}.")
+    path = by_hf_name[module]
+    d_in, d_out = flat[f"{path}/kernel"].shape[-2:]
+    expected, kind = ((1, d_in), ia3.INPUT) if path in feedforward else ((d_out, 1), ia3.OUTPUT)
+    if value.shape != expected:
+      raise ValueError(f"{folder!r}: tensor {key!r} has shape {value.shape} but this model needs {expected} for "
+                       f"{path!r} ({'feed-forward' if path in feedforward else 'output'} scaling).")
+    adapters[f"{path}/{kind}"] = jnp.asarray(value.reshape(-1), jnp.float32)
+  missing = sorted(_hf_module(p) for p in paths if not any(k.startswith(p + "/") for k in adapters))
+  if missing:
+    raise ValueError(f"{folder!r}: target modules {missing} have no ia3_l tensor.")
+  return cfg, ptree.unflatten(adapters)
+
+
+def _saved_modules_files(cfg: modules_to_save.ModulesToSaveConfig, adapters: dict,
+                         prefix: str) -> tuple[list[str], dict]:
+  """(PEFT's modules_to_save names, their tensors) for a modules_to_save adapter tree."""
+  flat = ptree.flatten(adapters)
+  tensors = {prefix + _hf_key(path): _torch_layout(path, np.asarray(jax.device_get(v), np.float32))
+             for path, v in flat.items()}
+  if isinstance(cfg.modules, str):  # a regex: the exact modules it selected
+    return sorted({_hf_module(p.rsplit("/", 1)[0]) for p in flat}), tensors
+  return [_hf_module(m) for m in cfg.modules], tensors
+
+
+def _saved_modules_from(folder: str, names: list[str], tensors: dict[str, np.ndarray], params: dict,
+                        prefix: str) -> tuple[modules_to_save.ModulesToSaveConfig, dict, dict]:
+  """(config, tree of the saved modules' leaves, the tensors that are not theirs)."""
+  cfg = modules_to_save.ModulesToSaveConfig(tuple(dict.fromkeys(names)))  # PEFT may list a name twice
+  leaves = modules_to_save.module_leaves(params, cfg.modules, f"{folder!r}: adapter_config.json modules_to_save")
+  by_key = {prefix + _hf_key(p): p for p in leaves}
+  flat = ptree.flatten(params)
+  saved, rest = {}, {}
+  for key, value in tensors.items():
+    if key not in by_key:
+      rest[key] = value
+      continue
+    path = by_key[key]
+    value = _torch_layout(path, value)
+    if value.shape != np.shape(flat[path]):
+      raise ValueError(f"{folder!r}: tensor {key!r} has shape {value.shape[::-1]} but this model's {path!r} is "
+                       f"{np.shape(flat[path])} (ours; PyTorch Linear weights are transposed).")
+    saved[path] = jnp.asarray(value, jnp.float32)
+  missing = sorted(prefix + _hf_key(p) for p in leaves if p not in saved)
+  if missing:
+    raise ValueError(f"{folder!r}: modules_to_save={names!r} needs the tensors {missing}, which the file lacks.")
+  return cfg, ptree.unflatten(saved), rest
+
+
+def save_adapter(folder: str, cfg, adapters, base_model_name_or_path: str | None = None, task_type: str | None = None,
+                 state: dict | None = None) -> None:
+  """Writes a Hugging Face PEFT adapter folder for any method PEFT also has.
+
+  `cfg` is a LoraConfig, DoraConfig, AdaLoraConfig (with the allocator `state`, see `save_adalora_adapter`),
+  IA3Config, PromptTuningConfig, PTuningConfig, PrefixTuningConfig or PTuningV2Config, or a list of one of
+  them and a ModulesToSaveConfig (with `adapters` the matching tuple).  Soft prompts are saved folded, as PEFT
+  saves them, and need `task_type` (see `peftjax.interop_prompts`).
+  """
+  cfgs, trees = (list(cfg), list(adapters)) if isinstance(cfg, (list, tuple)) else ([cfg], [adapters])
+  saved = [i for i, c in enumerate(cfgs) if isinstance(c, modules_to_save.ModulesToSaveConfig)]
+  methods = [i for i in range(len(cfgs)) if i not in saved]
+  if len(methods) != 1 or len(saved) > 1 or len(trees) != len(cfgs):
+    raise ValueError(f"save_adapter takes one method config, optionally listed with one ModulesToSaveConfig, and "
+                     f"one adapter tree per config; got configs {[type(c).__name__ for c in cfgs]} and "
+                     f"{len(trees)} trees.")
+  method, tree = cfgs[methods[0]], trees[methods[0]]
+  common = _common(base_model_name_or_path, task_type)
+  prefix = PREFIX
+  if isinstance(method, adalora.AdaLoraConfig):
+    config, tensors = _adalora_files(method, tree, state)
+  elif isinstance(method, lora.LoraConfig):
+    config, tensors = _lora_files(method, tree)
+  elif isinstance(method, ia3.IA3Config):
+    config, tensors = _ia3_files(method, tree)
+  elif isinstance(method, interop_prompts.CONFIGS):
+    config, tensors = interop_prompts.files(method, tree, task_type)
+    prefix = PROMPT_PREFIX
+  else:
+    raise ValueError(f"{type(method).__name__} has no Hugging Face PEFT format; save_adapter writes "
+                     f"{['LoraConfig', 'DoraConfig', 'AdaLoraConfig', 'IA3Config']} and "
+                     f"{[c.__name__ for c in interop_prompts.CONFIGS]} (and PTuningV2Config) configs.")
+  if saved:
+    common["modules_to_save"], more = _saved_modules_files(cfgs[saved[0]], trees[saved[0]], prefix)
+    tensors.update(more)
+  _write_folder(folder, {**config, **common}, tensors)
+
+
+def load_adapter(folder: str, params: dict):
+  """Reads any Hugging Face PEFT folder that `save_adapter` writes, for the base tree `params`: (config, adapters).
+
+  With ``modules_to_save`` in the file, both come back as a list [method config, ModulesToSaveConfig] and a
+  tuple of two trees.  Soft prompts come back folded (prompt tuning for P-tuning, the plain table for prefix
+  tuning), as PEFT loads them for inference.  AdaLoRA's allocator state: `load_adalora_adapter`.
+  """
+  config, tensors = _read_folder(folder)
+  peft_type = config.get("peft_type")
+  if peft_type not in PEFT_TYPES:
+    raise ValueError(f"{folder!r}: adapter_config.json peft_type={peft_type!r} is not supported; valid: "
+                     f"{list(PEFT_TYPES)}.")
+  prompt = peft_type in interop_prompts.PEFT_TYPES
+  names = config.get("modules_to_save")
+  if names:
+    saved_cfg, saved, tensors = _saved_modules_from(folder, names, tensors, params, PROMPT_PREFIX if prompt else PREFIX)
+  if peft_type == "LORA":
+    cfg, adapters = _lora_from(folder, config, tensors, params)
+  elif peft_type == "ADALORA":
+    cfg, adapters, _ = _adalora_from(folder, config, tensors, params)
+  elif peft_type == "IA3":
+    cfg, adapters = _ia3_from(folder, config, tensors, params)
+  else:
+    cfg, adapters = interop_prompts.read(folder, config, tensors, params)
+  return ([cfg, saved_cfg], (adapters, saved)) if names else (cfg, adapters)
