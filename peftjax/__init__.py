@@ -9,15 +9,18 @@ from peftjax.methods.bottleneck_adapter import (BnConfig, DoubleSeqBnConfig, Hou
 from peftjax.methods.dora import DoraConfig
 from peftjax.methods.ia3 import IA3Config
 from peftjax.methods.lora import LoraConfig
+from peftjax.methods.mam import mam_config
 from peftjax.methods.modules_to_save import ModulesToSaveConfig
 from peftjax.methods.p_tuning import PTuningConfig
 from peftjax.methods.prefix_tuning import PrefixTuningConfig, PTuningV2Config
 from peftjax.methods.prompt_tuning import PromptTuningConfig
+from peftjax.methods.unipelt import UniPeltConfig
 from peftjax.tree import combine, count, mask, optax_freeze, print_trainable_parameters, split
 
 __all__ = [
     "AdaLoraConfig", "BitFitConfig", "BnConfig", "DoraConfig", "DoubleSeqBnConfig", "HoulsbyConfig", "IA3Config",
     "LoraConfig", "ModulesToSaveConfig", "PTuningConfig", "PTuningV2Config", "ParBnConfig", "ParallelConfig",
-    "PfeifferConfig", "PrefixTuningConfig", "PromptTuningConfig", "SeqBnConfig", "apply", "combine", "count", "init", "mask", "merge", "models",
-    "optax_freeze", "print_trainable_parameters", "split", "tree", "unmerge",
+    "PfeifferConfig", "PrefixTuningConfig", "PromptTuningConfig", "SeqBnConfig", "UniPeltConfig", "apply",
+    "combine", "count", "init", "mam_config", "mask", "merge", "models", "optax_freeze",
+    "print_trainable_parameters", "split", "tree", "unmerge",
 ]
