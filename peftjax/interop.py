@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 
@@ -45,20 +44,6 @@ PREFIX = "base_model.model."
 PROMPT_PREFIX = "base_model."  # PEFT's prompt-learning models hold the transformers model directly
 PEFT_TYPES = ("LORA", "ADALORA", "IA3", *interop_prompts.PEFT_TYPES)
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-# T5's wi_0 / wi_1 and GPT-2's ln_1 / ln_2 are module names, not list indices.
-_NOT_INDICES = re.compile(r"\.(wi|ln)\.(\d+)(?=\.|$)")
-
-
-def _hf_module(path: str) -> str:
-  """Our module path -> the PyTorch module name: 'decoder/block_0/layer_2/DenseReluDense/wi_0' -> '...wi_0'."""
-  return _NOT_INDICES.sub(r".\1_\2", ptree.hf_name(path))
-
-
-def _hf_key(path: str) -> str:
-  """Our leaf path -> the PyTorch parameter name ('.../kernel' -> '....weight')."""
-  return _NOT_INDICES.sub(r".\1_\2", hf_io.hf_key(path))
-
-
 def _is_conv1d(path: str) -> bool:
   """GPT-2's layers (everything under transformer/) are Conv1D, whose weights PyTorch stores (in, out) like ours."""
   return path.startswith("transformer/")
@@ -80,7 +65,7 @@ def _common(base_model_name_or_path: str | None, task_type: str | None, modules:
 def _target_modules(cfg, modules: list[str]) -> list[str]:
   if isinstance(cfg.targets, tuple) and not cfg.exclude:
     return sorted(cfg.targets)
-  return sorted(_hf_module(m) for m in modules)  # regex / all-linear / exclude: the exact module list
+  return sorted(ptree.hf_name(m) for m in modules)  # regex / all-linear / exclude: the exact module list
 
 
 def _lora_files(cfg: lora.LoraConfig, adapters: dict) -> tuple[dict, dict]:
@@ -94,7 +79,7 @@ def _lora_files(cfg: lora.LoraConfig, adapters: dict) -> tuple[dict, dict]:
     if a.shape[-1] != cfg.module_rank(path):
       raise ValueError(f"adapter {path!r} has rank {a.shape[-1]} but {type(cfg).__name__} gives it rank "
                        f"{cfg.module_rank(path)} (from rank and rank_pattern).")
-    name = PREFIX + _hf_module(path)
+    name = PREFIX + ptree.hf_name(path)
     tensors[f"{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
     tensors[f"{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
     if use_dora:
@@ -175,7 +160,7 @@ def _lora_from(folder: str, config: dict, tensors: dict[str, np.ndarray], params
       alpha_pattern=config.get("alpha_pattern") or {},
       init=_init_name(config.get("init_lora_weights", True), use_dora))
   flat = ptree.flatten(params)
-  by_hf_name = {_hf_module(m): m for m in ptree.linear_modules(params)}
+  by_hf_name = {ptree.hf_name(m): m for m in ptree.linear_modules(params)}
   kinds = ("lora_A", "lora_B", dora.MAGNITUDE) if use_dora else ("lora_A", "lora_B")
   adapters = {}
   for key, tensor in tensors.items():
@@ -205,7 +190,7 @@ def _check_complete(folder: str, adapters: dict, kinds: tuple[str, ...]) -> None
   for path, adapter in lora.adapter_modules(ptree.unflatten(adapters)).items():
     missing = [k for k in kinds if k not in adapter]
     if missing:
-      raise ValueError(f"{folder!r}: module {_hf_module(path)!r} has no {missing} tensor.")
+      raise ValueError(f"{folder!r}: module {ptree.hf_name(path)!r} has no {missing} tensor.")
 
 
 def load_lora_adapter(folder: str, params: dict) -> tuple[lora.LoraConfig, dict]:
@@ -223,14 +208,13 @@ def load_lora_adapter(folder: str, params: dict) -> tuple[lora.LoraConfig, dict]
 
 
 def _adalora_files(cfg: adalora.AdaLoraConfig, adapters: dict, state: dict | None) -> tuple[dict, dict]:
-  pattern = None if state is None else {_NOT_INDICES.sub(r".\1_\2", k): v
-                                        for k, v in adalora.rank_pattern(state).items()}
+  pattern = None if state is None else adalora.rank_pattern(state)
   tensors = {}
   for path, adapter in lora.adapter_modules(adapters).items():
     a, e, b = (np.asarray(jax.device_get(adapter[k]), np.float32) for k in ("lora_A", "lora_E", "lora_B"))
     if e.ndim != 1:
       raise ValueError(f"adapter {path!r} is layer-stacked (shape {a.shape}); unstack scanned adapters before saving.")
-    name = _hf_module(path)
+    name = ptree.hf_name(path)
     keep = np.ones(e.shape, bool) if pattern is None else np.asarray(pattern[f"{name}.lora_E"], bool)
     tensors[f"{PREFIX}{name}.lora_A"] = np.ascontiguousarray(a[:, keep].T)
     tensors[f"{PREFIX}{name}.lora_E"] = np.ascontiguousarray(e[keep][:, None])
@@ -267,7 +251,7 @@ def _adalora_from(folder: str, config: dict, tensors: dict[str, np.ndarray],
       orth_reg_weight=float(config.get("orth_reg_weight", 0.5)))
   pattern = config.get("rank_pattern") or {}
   flat = ptree.flatten(params)
-  by_hf_name = {_hf_module(m): m for m in ptree.linear_modules(params)}
+  by_hf_name = {ptree.hf_name(m): m for m in ptree.linear_modules(params)}
   adapters, masks = {}, {}
   for key, value in tensors.items():
     module, kind = key.removeprefix(PREFIX).rsplit(".", 1)
@@ -319,15 +303,15 @@ def _ia3_files(cfg: ia3.IA3Config, adapters: dict) -> tuple[dict, dict]:
     if value.ndim != 1:
       raise ValueError(f"adapter {module!r} is layer-stacked (shape {value.shape}); unstack scanned adapters before "
                        "saving.")
-    tensors[f"{PREFIX}{_hf_module(module)}.ia3_l"] = value[None, :] if kind == ia3.INPUT else value[:, None]
+    tensors[f"{PREFIX}{ptree.hf_name(module)}.ia3_l"] = value[None, :] if kind == ia3.INPUT else value[:, None]
     modules.append(module)
     if kind == ia3.INPUT:
       feedforward.append(module)
   as_given = isinstance(cfg.targets, tuple) and isinstance(cfg.feedforward, tuple) and not cfg.exclude
   config = {
       "peft_type": "IA3",  # PEFT wants feedforward_modules inside target_modules: both as given or both exact
-      "target_modules": sorted(cfg.targets) if as_given else sorted(_hf_module(m) for m in modules),
-      "feedforward_modules": sorted(cfg.feedforward) if as_given else sorted(_hf_module(m) for m in feedforward),
+      "target_modules": sorted(cfg.targets) if as_given else sorted(ptree.hf_name(m) for m in modules),
+      "feedforward_modules": sorted(cfg.feedforward) if as_given else sorted(ptree.hf_name(m) for m in feedforward),
       "exclude_modules": None, "fan_in_fan_out": any(_is_conv1d(m) for m in modules), "init_ia3_weights": True,
   }
   return config, tensors
@@ -341,7 +325,7 @@ def _ia3_from(folder: str, config: dict, tensors: dict[str, np.ndarray], params:
                       feedforward=_targets(config.get("feedforward_modules")),
                       exclude=tuple(config.get("exclude_modules") or ()))
   paths, feedforward = ia3.target_paths(cfg, params)
-  by_hf_name = {_hf_module(p): p for p in paths}
+  by_hf_name = {ptree.hf_name(p): p for p in paths}
   flat = ptree.flatten(params)
   adapters = {}
   for key, value in tensors.items():
@@ -356,7 +340,7 @@ def _ia3_from(folder: str, config: dict, tensors: dict[str, np.ndarray], params:
       raise ValueError(f"{folder!r}: tensor {key!r} has shape {value.shape} but this model needs {expected} for "
                        f"{path!r} ({'feed-forward' if path in feedforward else 'output'} scaling).")
     adapters[f"{path}/{kind}"] = jnp.asarray(value.reshape(-1), jnp.float32)
-  missing = sorted(_hf_module(p) for p in paths if not any(k.startswith(p + "/") for k in adapters))
+  missing = sorted(ptree.hf_name(p) for p in paths if not any(k.startswith(p + "/") for k in adapters))
   if missing:
     raise ValueError(f"{folder!r}: target modules {missing} have no ia3_l tensor.")
   return cfg, ptree.unflatten(adapters)
@@ -366,11 +350,11 @@ def _saved_modules_files(cfg: modules_to_save.ModulesToSaveConfig, adapters: dic
                          prefix: str) -> tuple[list[str], dict]:
   """(PEFT's modules_to_save names, their tensors) for a modules_to_save adapter tree."""
   flat = ptree.flatten(adapters)
-  tensors = {prefix + _hf_key(path): _torch_layout(path, np.asarray(jax.device_get(v), np.float32))
+  tensors = {prefix + hf_io.hf_key(path): _torch_layout(path, np.asarray(jax.device_get(v), np.float32))
              for path, v in flat.items()}
   if isinstance(cfg.modules, str):  # a regex: the exact modules it selected
-    return sorted({_hf_module(p.rsplit("/", 1)[0]) for p in flat}), tensors
-  return [_hf_module(m) for m in cfg.modules], tensors
+    return sorted({ptree.hf_name(p.rsplit("/", 1)[0]) for p in flat}), tensors
+  return [ptree.hf_name(m) for m in cfg.modules], tensors
 
 
 def _saved_modules_from(folder: str, names: list[str], tensors: dict[str, np.ndarray], params: dict,
@@ -378,7 +362,7 @@ def _saved_modules_from(folder: str, names: list[str], tensors: dict[str, np.nda
   """(config, tree of the saved modules' leaves, the tensors that are not theirs)."""
   cfg = modules_to_save.ModulesToSaveConfig(tuple(dict.fromkeys(names)))  # PEFT may list a name twice
   leaves = modules_to_save.module_leaves(params, cfg.modules, f"{folder!r}: adapter_config.json modules_to_save")
-  by_key = {prefix + _hf_key(p): p for p in leaves}
+  by_key = {prefix + hf_io.hf_key(p): p for p in leaves}
   flat = ptree.flatten(params)
   saved, rest = {}, {}
   for key, value in tensors.items():
@@ -391,7 +375,7 @@ def _saved_modules_from(folder: str, names: list[str], tensors: dict[str, np.nda
       raise ValueError(f"{folder!r}: tensor {key!r} has shape {value.shape[::-1]} but this model's {path!r} is "
                        f"{np.shape(flat[path])} (ours; PyTorch Linear weights are transposed).")
     saved[path] = jnp.asarray(value, jnp.float32)
-  missing = sorted(prefix + _hf_key(p) for p in leaves if p not in saved)
+  missing = sorted(prefix + hf_io.hf_key(p) for p in leaves if p not in saved)
   if missing:
     raise ValueError(f"{folder!r}: modules_to_save={names!r} needs the tensors {missing}, which the file lacks.")
   return cfg, ptree.unflatten(saved), rest

@@ -45,9 +45,15 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
   return tree
 
 
+# Module names ending in _<digits> that are not list indices: T5's wi_0 / wi_1, GPT-2's ln_1 / ln_2.
+_NAMES_WITH_DIGITS = re.compile(r"(wi|ln)_\d+")
+
+
 def hf_name(path: str) -> str:
-  """Our module path -> Hugging Face PyTorch name: 'encoder/block_0/layer_1/wo' -> 'encoder.block.0.layer.1.wo'."""
-  return ".".join(re.sub(r"^(.+)_(\d+)$", r"\1.\2", part) for part in path.split("/"))
+  """Our module path -> Hugging Face PyTorch name: 'encoder/block_0/layer_1/wo' -> 'encoder.block.0.layer.1.wo'
+  (list entries become '.N'; T5's wi_0 / wi_1 and GPT-2's ln_1 / ln_2 keep their names)."""
+  return ".".join(part if _NAMES_WITH_DIGITS.fullmatch(part) else re.sub(r"^(.+)_(\d+)$", r"\1.\2", part)
+                  for part in path.split("/"))
 
 
 def linear_modules(params: Tree) -> list[str]:

@@ -6,7 +6,6 @@ computed in torch from the same weights, at the places the papers (and AdapterHu
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +18,7 @@ import transformers
 import peftjax as pj
 from peftjax import tree
 from peftjax.methods import bottleneck_adapter as bn
-from peftjax.models import bert, gpt2, llama, t5
+from peftjax.models import bert, gpt2, llama
 
 VOCAB = 97
 FAMILIES = {

@@ -12,7 +12,7 @@ import torch
 import peftjax as pj
 from peftjax import tree
 from peftjax.methods import bitfit
-from peftjax.models import gpt2, t5
+from peftjax.models import gpt2, hf_io, t5
 
 
 class Block(nn.Module):
@@ -131,7 +131,7 @@ def test_gpt2_bias_count_gradients_and_merge(tmp_path):
   cfg = bitfit.BitFitConfig()
   adapters = pj.init(cfg, jax.random.key(0), params)
   assert tree.count(adapters) == sum(torch_biases.values())
-  assert sorted(gpt2._hf_key(p) for p in tree.flatten(adapters)) == sorted(torch_biases)
+  assert sorted(hf_io.hf_key(p) for p in tree.flatten(adapters)) == sorted(torch_biases)
   with_head = pj.init(bitfit.BitFitConfig(modules_to_save=("lm_head",)), jax.random.key(0), params)
   assert tree.count(with_head) == sum(torch_biases.values()) + torch_model.lm_head.weight.numel()
 

@@ -77,6 +77,14 @@ def test_target_matching(setup):
     pj.init(pj.LoraConfig(targets=("query",)), jax.random.key(0), params)
 
 
+def test_hf_names_keep_module_names_that_end_in_digits():
+  """List entries become '.N'; T5's gated wi_0 / wi_1 and GPT-2's ln_1 / ln_2 stay names, as in PyTorch."""
+  assert tree.hf_name("encoder/block_3/layer_1/DenseReluDense/wi_0") == "encoder.block.3.layer.1.DenseReluDense.wi_0"
+  assert tree.hf_name("transformer/h_11/ln_2") == "transformer.h.11.ln_2"
+  params = {"block_0": {"wi_0": {"kernel": np.ones((2, 3))}, "wi_1": {"kernel": np.ones((2, 3))}}}
+  assert tree.match_targets(params, r"block\.0\.wi_1") == ["block_0/wi_1"]
+
+
 def test_identity_at_init_and_shapes(setup):
   model, params, x = setup
   cfg = pj.LoraConfig(rank=4, alpha=8, targets=("q", "v", "wo"))

@@ -18,7 +18,7 @@ import transformers
 import peftjax as pj
 from peftjax import tree as ptree
 from peftjax.methods import p_tuning, prefix_tuning, prompt_tuning
-from peftjax.models import bert, gpt2, llama, t5
+from peftjax.models import gpt2, llama, t5
 
 K = 4  # virtual tokens
 # kind -> (transformers class, config, peft task type)

@@ -354,11 +354,6 @@ def unstack_layers(tree: Mapping[str, Any]) -> dict:
   return ptree.unflatten(out)
 
 
-def _hf_key(path: str) -> str:
-  """hf_io.hf_key, keeping the layer-norm names ln_1 / ln_2 (they are not list indices)."""
-  return re.sub(r"\.ln\.([12])\.", r".ln_\1.", hf_io.hf_key(path))
-
-
 def _is_lm_head(path: str) -> bool:
   """Only lm_head is a PyTorch Linear (out, in); GPT-2's Conv1D weights are stored (in, out) like ours."""
   return path == "lm_head/kernel"
@@ -376,7 +371,7 @@ def from_pretrained(path_or_hub_id: str, dtype=None, scan_layers: bool = False,
   has_prefix = any(k.startswith("transformer.") for k in state)  # GPT2LMHeadModel; GPT2Model has none
 
   def rename(path: str) -> str:
-    return _hf_key(path) if has_prefix else _hf_key(path).removeprefix("transformer.")
+    return hf_io.hf_key(path) if has_prefix else hf_io.hf_key(path).removeprefix("transformer.")
 
   dtype = jnp.dtype(dtype or jnp.float32)
   model = GPT2LMHeadModel(config, dtype=dtype, param_dtype=dtype)
@@ -391,7 +386,7 @@ def save_pretrained(model: GPT2LMHeadModel, params: dict, folder: str) -> None:
   """Writes config.json + model.safetensors that transformers' GPT2LMHeadModel loads."""
   if model.scan_layers:
     params = unstack_layers(params)
-  state = hf_io.state_dict_from_params(params, rename=_hf_key, transpose=_is_lm_head)
+  state = hf_io.state_dict_from_params(params, rename=hf_io.hf_key, transpose=_is_lm_head)
   hf_io.write_folder(folder, model.config.to_hf(), state)
 
 

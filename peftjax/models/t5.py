@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
@@ -474,11 +473,6 @@ def shift_right(labels: jax.Array, decoder_start_token_id: int = 0, pad_token_id
   return jnp.where(shifted == -100, pad_token_id, shifted)
 
 
-def _hf_key(path: str) -> str:
-  """hf_io.hf_key, keeping the gated feed-forward names wi_0 / wi_1 (they are not list indices)."""
-  return re.sub(r"\.wi\.([01])\.", r".wi_\1.", hf_io.hf_key(path))
-
-
 def from_pretrained(path_or_hub_id: str, dtype=None) -> tuple[T5ForConditionalGeneration, dict]:
   """(model, params) from a Hugging Face T5 folder or hub id; `dtype` is the compute and parameter dtype (float32).
 
@@ -494,12 +488,12 @@ def from_pretrained(path_or_hub_id: str, dtype=None) -> tuple[T5ForConditionalGe
   dtype = dtype or jnp.float32
   model = T5ForConditionalGeneration(config, dtype=dtype, param_dtype=dtype)
   abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
-  return model, hf_io.params_from_state_dict(state, abstract, rename=_hf_key, dtype=dtype)
+  return model, hf_io.params_from_state_dict(state, abstract, rename=hf_io.hf_key, dtype=dtype)
 
 
 def save_pretrained(model: T5ForConditionalGeneration, params: dict, folder: str) -> None:
   """Writes config.json + model.safetensors that transformers' T5ForConditionalGeneration loads."""
-  hf_io.write_folder(folder, model.config.to_hf(), hf_io.state_dict_from_params(params, rename=_hf_key))
+  hf_io.write_folder(folder, model.config.to_hf(), hf_io.state_dict_from_params(params, rename=hf_io.hf_key))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "apply_fn"))
