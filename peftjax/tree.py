@@ -11,6 +11,7 @@ import re
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -143,3 +144,35 @@ def optax_freeze(tx: optax.GradientTransformation, trainable_mask: Tree) -> opta
   """Wraps `tx` for a full tree: trainable leaves get `tx`, the rest get zero updates and no state."""
   labels = jax.tree.map(lambda t: "trainable" if t else "frozen", trainable_mask)
   return optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def stack_layers(tree: Tree, layer_list: str) -> dict:
+  """Per-layer tree (<list>_0/..., <list>_1/...) -> scanned layout (<list>/... with a leading layer axis).
+
+  `layer_list` is a regex of the list's path (e.g. 'model/layers').  Works on parameters and on adapter trees
+  that mirror them.
+  """
+  pattern, layers, rest = re.compile(rf"^({layer_list})_(\d+)/"), {}, {}
+  for path, leaf in flatten(tree).items():
+    found = pattern.match(path)
+    if found:
+      layers.setdefault(f"{found.group(1)}/{path[found.end():]}", {})[int(found.group(2))] = leaf
+    else:
+      rest[path] = leaf
+  for path, by_layer in layers.items():
+    rest[path] = jnp.stack([by_layer[i] for i in range(len(by_layer))])
+  return unflatten(rest)
+
+
+def unstack_layers(tree: Tree, layer_list: str) -> dict:
+  """Inverse of `stack_layers`."""
+  pattern, out = re.compile(rf"^({layer_list})/"), {}
+  for path, leaf in flatten(tree).items():
+    found = pattern.match(path)
+    if found:
+      for i in range(leaf.shape[0]):
+        out[f"{found.group(1)}_{i}/{path[found.end():]}"] = leaf[i]
+    else:
+      out[path] = leaf
+  return unflatten(out)
+

@@ -41,8 +41,6 @@ _ACTIVATIONS = {
     "swish": jax.nn.silu,
     "tanh": jnp.tanh,
 }
-_LAYER = re.compile(r"^((?:.+/)?encoder)/layer_(\d+)/")
-_STACKED = re.compile(r"^((?:.+/)?encoder)/layer/")
 # `task` of from_pretrained -> the suffix of the model class name (BertModel, BertForSequenceClassification, ...).
 TASKS = {"base": "Model", "sequence_classification": "ForSequenceClassification",
          "token_classification": "ForTokenClassification"}
@@ -455,32 +453,18 @@ def logical_axes(model: nn.Module) -> dict:
   return nn.get_partition_spec(abstract["params"])
 
 
+LAYER_LIST = r"(?:.+/)?encoder/layer"  # the path of the layer list: stack_layers / unstack_layers
+
+
 def stack_layers(tree: Mapping[str, Any]) -> dict:
-  """Per-layer tree (.../encoder/layer_0/..., layer_1/...) -> scanned layout (.../encoder/layer/... with a
-  leading layer axis).  Works on parameters and on adapter trees that mirror them."""
-  layers, rest = {}, {}
-  for path, leaf in ptree.flatten(tree).items():
-    found = _LAYER.match(path)
-    if found:
-      layers.setdefault(f"{found.group(1)}/layer/{path[found.end():]}", {})[int(found.group(2))] = leaf
-    else:
-      rest[path] = leaf
-  for path, by_layer in layers.items():
-    rest[path] = jnp.stack([by_layer[i] for i in range(len(by_layer))])
-  return ptree.unflatten(rest)
+  """Per-layer tree (.../encoder/layer_0/..., layer_1/...) -> scanned layout (.../encoder/layer/..., a leading
+  layer axis)."""
+  return ptree.stack_layers(tree, LAYER_LIST)
 
 
 def unstack_layers(tree: Mapping[str, Any]) -> dict:
   """Inverse of `stack_layers`."""
-  out = {}
-  for path, leaf in ptree.flatten(tree).items():
-    found = _STACKED.match(path)
-    if found:
-      for i in range(leaf.shape[0]):
-        out[f"{found.group(1)}/layer_{i}/{path[found.end():]}"] = leaf[i]
-    else:
-      out[path] = leaf
-  return ptree.unflatten(out)
+  return ptree.unstack_layers(tree, LAYER_LIST)
 
 
 def _legacy_renamed(key: str) -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -43,7 +42,6 @@ _ACTIVATIONS = {
     "swish": jax.nn.silu,
     "tanh": jnp.tanh,
 }
-_LAYER = re.compile(r"^transformer/h_(\d+)/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,33 +323,17 @@ def init_cache(config: GPT2Config, batch: int, length: int, dtype=jnp.float32) -
   return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
 
 
-def stack_layers(tree: Mapping[str, Any]) -> dict:
-  """Per-layer tree (transformer/h_0/..., h_1/...) -> scanned layout (transformer/h/... with a leading layer axis).
+LAYER_LIST = r"transformer/h"  # the path of the layer list: stack_layers / unstack_layers
 
-  Works on parameters and on adapter trees that mirror them.
-  """
-  flat, layers, rest = ptree.flatten(tree), {}, {}
-  for path, leaf in flat.items():
-    found = _LAYER.match(path)
-    if found:
-      layers.setdefault("transformer/h/" + path[found.end():], {})[int(found.group(1))] = leaf
-    else:
-      rest[path] = leaf
-  for path, by_layer in layers.items():
-    rest[path] = jnp.stack([by_layer[i] for i in range(len(by_layer))])
-  return ptree.unflatten(rest)
+
+def stack_layers(tree: Mapping[str, Any]) -> dict:
+  """Per-layer tree (transformer/h_0/..., h_1/...) -> scanned layout (transformer/h/...), with a leading layer axis."""
+  return ptree.stack_layers(tree, LAYER_LIST)
 
 
 def unstack_layers(tree: Mapping[str, Any]) -> dict:
   """Inverse of `stack_layers`."""
-  out = {}
-  for path, leaf in ptree.flatten(tree).items():
-    if path.startswith("transformer/h/"):
-      for i in range(leaf.shape[0]):
-        out[f"transformer/h_{i}/" + path[len("transformer/h/"):]] = leaf[i]
-    else:
-      out[path] = leaf
-  return ptree.unflatten(out)
+  return ptree.unstack_layers(tree, LAYER_LIST)
 
 
 def _is_lm_head(path: str) -> bool:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -51,7 +50,6 @@ _ACTIVATIONS = {
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,
 }
-_LAYER = re.compile(r"^model/layers_(\d+)/")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,33 +473,17 @@ def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) 
   return {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
 
 
-def stack_layers(tree: Mapping[str, Any]) -> dict:
-  """Per-layer tree (model/layers_0/..., layers_1/...) -> scanned layout (model/layers/... with a leading layer axis).
+LAYER_LIST = r"model/layers"  # the path of the layer list: stack_layers / unstack_layers
 
-  Works on parameters and on adapter trees that mirror them.
-  """
-  layers, rest = {}, {}
-  for path, leaf in ptree.flatten(tree).items():
-    found = _LAYER.match(path)
-    if found:
-      layers.setdefault("model/layers/" + path[found.end():], {})[int(found.group(1))] = leaf
-    else:
-      rest[path] = leaf
-  for path, by_layer in layers.items():
-    rest[path] = jnp.stack([by_layer[i] for i in range(len(by_layer))])
-  return ptree.unflatten(rest)
+
+def stack_layers(tree: Mapping[str, Any]) -> dict:
+  """Per-layer tree (model/layers_0/..., layers_1/...) -> scanned layout (model/layers/..., a leading layer axis)."""
+  return ptree.stack_layers(tree, LAYER_LIST)
 
 
 def unstack_layers(tree: Mapping[str, Any]) -> dict:
   """Inverse of `stack_layers`."""
-  out = {}
-  for path, leaf in ptree.flatten(tree).items():
-    if path.startswith("model/layers/"):
-      for i in range(leaf.shape[0]):
-        out[f"model/layers_{i}/" + path[len("model/layers/"):]] = leaf[i]
-    else:
-      out[path] = leaf
-  return ptree.unflatten(out)
+  return ptree.unstack_layers(tree, LAYER_LIST)
 
 
 def from_pretrained(path_or_hub_id: str, dtype=None, scan_layers: bool = False,
