@@ -55,7 +55,7 @@ def _build(cls: type, section: str, **kwargs) -> Any:
   try:
     return cls(**kwargs)
   except ValueError as e:
-    message = str(e).replace(f"{cls.__name__}.total_step", "config.steps")
+    message = str(e).replace(f"{cls.__name__}.total_step", "config.steps").replace("total_step", "config.steps")
     raise ValueError(message.replace(f"{cls.__name__}.", f"config.{section}.")) from None
 
 
