@@ -4,7 +4,8 @@ config.family picks the model module and its task adapter (`train.tasks`: sequen
 sequence classification, causal LM); config.method picks the method (`train.methods`).
 
 workdir layout: checkpoints/<step>/ (Orbax: train state + data position), tensorboard/ (event
-files), merged/ (the model with the method folded in + tokenizer, a Hugging Face folder), adapter/
+files), merged/ (the model with the method folded in + tokenizer, a Hugging Face folder; not for bottleneck
+adapters and prompt / prefix methods, which do not fold into the weights), adapter/
 (a Hugging Face PEFT folder for LoRA / DoRA, an Orbax tree of the trained leaves for the other
 methods or with modules_to_save) and, for a randomly initialised model, base/ (the frozen base the
 adapter applies to).

@@ -194,14 +194,14 @@ def training_hooks(method_cfg: Any, trainable: Any) -> dict:
       composed = isinstance(method_cfg, list)
       own = lambda tree: tree[index] if composed else tree  # noqa: E731
 
-      def post_update(state, grads, cfg=cfg, index=index):
+      def post_update(state, grads):
         adapters, method_state, _ = adalora.update_and_allocate(cfg, state["method_state"], own(state["trainable"]),
                                                                 own(grads), state["step"])
         trainable = (tuple(adapters if i == index else t for i, t in enumerate(state["trainable"])) if composed
                      else adapters)
         return {**state, "trainable": trainable, "method_state": method_state}
 
-      return {"extra_loss": lambda tree, cfg=cfg: adalora.orthogonal_regularization(cfg, own(tree)),
+      return {"extra_loss": lambda tree: adalora.orthogonal_regularization(cfg, own(tree)),
               "post_update": post_update, "method_state": adalora.init_state(own(trainable))}
   return {}
 
