@@ -121,7 +121,7 @@ def test_every_method_trains_and_exports(tmp_path, method):
 
 def test_bad_method_settings_give_one_clear_sentence(tmp_path):
   with pytest.raises(ValueError, match=r"config\.method='prefix' is not a known method; valid: \['lora', 'dora', "
-                                       r"'ia3', 'bitfit', 'full'\]"):
+                                       r"'adalora', 'ia3', 'bitfit', 'houlsby', "):
     train.main(load_config("lora_gpt2", tmp_path, method="prefix"))
   with pytest.raises(ValueError, match=r"config\.family='bart' is not a known model family; valid: \['bert', "):
     train.main(load_config("lora_gpt2", tmp_path, family="bart"))

@@ -4,7 +4,8 @@ config.family picks the model module and its task adapter (`train.tasks`: sequen
 sequence classification, causal LM); config.method picks the method (`train.methods`).
 
 workdir layout: checkpoints/<step>/ (Orbax: train state + data position), tensorboard/ (event
-files), merged/ (the model with the method folded in + tokenizer, a Hugging Face folder), adapter/
+files), merged/ (the model with the method folded in + tokenizer, a Hugging Face folder; not for bottleneck
+adapters and prompt / prefix methods, which do not fold into the weights), adapter/
 (a Hugging Face PEFT folder for LoRA / DoRA, an Orbax tree of the trained leaves for the other
 methods or with modules_to_save) and, for a randomly initialised model, base/ (the frozen base the
 adapter applies to).
@@ -158,9 +159,13 @@ def load_model(config: ml_collections.ConfigDict, num_labels: int = 2):
   return model, params, tokenizer
 
 
-def trainable_and_frozen(config: ml_collections.ConfigDict, model, params: dict):
-  """(method config(s) or None, trainable tree, frozen tree): new adapter leaves over frozen params, or all params."""
-  method_cfg = methods.method_config(config, getattr(model.config, "model_type", config.family))
+def trainable_and_frozen(config: ml_collections.ConfigDict, model, params: dict, tokenizer=None):
+  """(method config(s) or None, trainable tree, frozen tree): new adapter leaves over frozen params, or all params.
+
+  `tokenizer` (its folder or hub id) is what prompt tuning's "text" init tokenises config.prompt.init_text with.
+  """
+  method_cfg = methods.method_config(config, getattr(model.config, "model_type", config.family),
+                                     getattr(tokenizer, "name_or_path", ""))
   if method_cfg is None:
     return None, params, {}
   return method_cfg, pj.init(method_cfg, jax.random.fold_in(jax.random.key(config.seed), 1), params), params
@@ -229,16 +234,20 @@ def _train_summary(metrics: list[dict], learning_rate: float, seconds: float) ->
           "steps_per_second": len(metrics) / seconds}
 
 
-def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config, frozen_shardings) -> None:
+def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config, frozen_shardings) -> list[str]:
   """Writes workdir/merged (+ tokenizer) and, for a method with adapters, workdir/adapter (+ workdir/base for a
-  random model).  Every process takes part in gathering the sharded trees; process 0 writes the files."""
+  random model); returns the folder names written.  A method that cannot be folded into the weights (bottleneck
+  adapters, prompts) gets no merged folder.  Every process takes part in gathering the sharded trees; process 0
+  writes the files."""
   family = tasks.FAMILIES[config.family]
   writer = jax.process_index() == 0
-  merged = trainable if method_cfg is None else sharding.merge(method_cfg, frozen, trainable, frozen_shardings)
+  written = []
   if method_cfg is not None:
+    written.append("adapter")
     base_name = config.model
     if config.model in RANDOM_MODELS:
       base_name = f"{workdir}/base"
+      written.append("base")
       with output_folder(workdir, "base") as folder:
         distributed.export_merged(family.module.save_pretrained, model, frozen, folder)
         if writer:
@@ -251,10 +260,17 @@ def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config
                                     task_type=family.task.peft_task_type)
     else:  # Orbax: every process writes its shards (to a gs:// workdir too)
       checkpoint.save_adapters(f"{workdir}/adapter", trainable)
+  if not methods.mergeable(method_cfg):
+    if writer:
+      print(f"config.method={config.method!r} cannot be folded into the weights, so there is no {workdir}/merged; "
+            f"run {base_name} with {workdir}/adapter.")
+    return written
+  merged = trainable if method_cfg is None else sharding.merge(method_cfg, frozen, trainable, frozen_shardings)
   with output_folder(workdir, "merged") as folder:
     distributed.export_merged(family.module.save_pretrained, model, merged, folder)
     if writer:
       tokenizer.save_pretrained(folder)
+  return ["merged", *written]
 
 
 def _metrics_line(step: int, metrics: dict) -> str:
@@ -279,16 +295,18 @@ def main(config: ml_collections.ConfigDict) -> dict:
   eval_data = task.tokenize(tokenizer, held_out, config)
   print(f"task {config.task}: {len(train_set)} training and {len(held_out)} held-out examples")
 
-  method_cfg, trainable, frozen = trainable_and_frozen(config, model, params)
+  method_cfg, trainable, frozen = trainable_and_frozen(config, model, params, tokenizer)
   trainable_line = pj.print_trainable_parameters(trainable, frozen)
   tx, schedule = steps.make_optimizer(config.optimizer, config.steps)
-  frozen, state, shardings = shard(config, model, params, trainable, frozen, tx, mesh)
+  hooks = methods.training_hooks(method_cfg, trainable)
+  frozen, state, shardings = shard(config, model, params, trainable, frozen, tx, mesh, hooks.get("method_state"))
   del params, trainable  # the placed copies are used from here on
   print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices in {jax.process_count()} process(es); "
         f"{scale.micro_batches} micro-batch(es) per step")
   forward = steps.make_forward(model, task, method_cfg)
   train_step = steps.make_train_step(forward, task, tx, shardings, micro_batches=scale.micro_batches,
-                                     seed=config.seed)
+                                     seed=config.seed, extra_loss=hooks.get("extra_loss"),
+                                     post_update=hooks.get("post_update"))
   batch_sharding = sharding.batch_sharding(mesh)
   put_batch = lambda rows: distributed.load_local(rows, np.arange(config.batch_size), batch_sharding)  # noqa: E731
   exact_match = (steps.make_exact_match(model, method_cfg, tokenizer, config.target_length)
@@ -346,8 +364,10 @@ def main(config: ml_collections.ConfigDict) -> dict:
     writer.close()
   manager.wait_until_finished()
   manager.close()
-  export(workdir, model, frozen, state["trainable"], method_cfg, tokenizer, config, shardings["frozen"])
-  print(f"wrote {workdir}/merged" + ("" if method_cfg is None else f" and {workdir}/adapter"))
+  if config.method == "adalora":
+    print(f"AdaLoRA keeps {methods.kept_ranks(state['method_state'])} singular values")
+  written = export(workdir, model, frozen, state["trainable"], method_cfg, tokenizer, config, shardings["frozen"])
+  print("wrote " + " and ".join(f"{workdir}/{name}" for name in written))
   return {"start_step": start_step, "final_step": final_step, "before": before, "after": after,
           "trainable_parameters": trainable_line, "train_seconds": train_seconds, "state": state,
           "frozen": frozen, "model": model, "method": method_cfg, "config": config, "workdir": workdir,

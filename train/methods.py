@@ -1,22 +1,46 @@
-"""config.method -> the peftjax method config(s) that `pj.init` / `pj.apply` / `pj.merge` take.
+"""config.method -> the peftjax method config(s) that `pj.init` / `pj.apply` / `pj.merge` take, and the training hooks.
 
-config.method is "lora", "dora", "ia3", "bitfit" or "full".  LoRA and DoRA read config.lora (as Hugging
-Face's LoraConfig(use_dora=True) does), (IA)³ reads config.ia3, BitFit config.bitfit.
-config.modules_to_save (names separated by commas, e.g. "classifier,pooler") are trained in full next to
-the method, as Hugging Face PEFT does for a new task head; "full" trains every parameter.
+Each method reads its own config section (`METHODS`: method -> (section, builder)):
+  lora, dora                 config.lora (as Hugging Face's LoraConfig(use_dora=True) does)
+  adalora                    config.adalora; total_step is config.steps
+  ia3                        config.ia3
+  bitfit                     config.bitfit
+  houlsby, pfeiffer, parallel  config.adapter (bottleneck adapters; keys left out keep the preset's defaults)
+  prompt_tuning, p_tuning,   config.prompt (num_virtual_tokens, init / init_text, encoder_type /
+  prefix_tuning, p_tuning_v2   encoder_hidden_size / encoder_num_layers, projection; keys left out keep the defaults)
+  full                       nothing: every parameter trains
+config.modules_to_save (names separated by commas, e.g. "classifier,pooler") are trained in full next to any
+method, as Hugging Face PEFT does for a new task head.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Any
+from typing import Any, Callable
 
+import jax
 import ml_collections
+import numpy as np
 
 import peftjax as pj
-from peftjax.methods import bitfit, dora, ia3, modules_to_save
+from peftjax import api, distributed
+from peftjax.methods import (adalora, bitfit, bottleneck_adapter, dora, ia3, modules_to_save, p_tuning,
+                             prefix_tuning, prompt_tuning)
 
-METHODS = ("lora", "dora", "ia3", "bitfit", "full")
+# The keys each new section may hold (those the methods reading it use).
+SECTION_KEYS = {
+    "adalora": ("init_r", "target_r", "alpha", "dropout", "targets", "tinit", "tfinal", "delta_t", "beta1", "beta2",
+                "orth_reg_weight"),
+    "adapter": ("reduction_factor", "non_linearity", "scaling", "dropout", "init_weights"),
+    "prompt": ("num_virtual_tokens", "init", "init_text", "encoder_type", "encoder_hidden_size", "encoder_num_layers",
+               "projection"),
+}
+ADAPTER_PRESETS = {"houlsby": bottleneck_adapter.HoulsbyConfig, "pfeiffer": bottleneck_adapter.PfeifferConfig,
+                   "parallel": bottleneck_adapter.ParallelConfig}
+# Methods whose virtual tokens are input positions (prefix tuning adds keys and values instead).
+PROMPT_CONFIGS = (prompt_tuning.PromptTuningConfig, p_tuning.PTuningConfig)
+PLACEHOLDER = -1  # an input id no tokenizer produces: where a prompt method writes its virtual tokens
 
 
 def names_or_regex(value: str) -> str | tuple[str, ...]:
@@ -26,30 +50,162 @@ def names_or_regex(value: str) -> str | tuple[str, ...]:
   return value
 
 
+def _build(cls: type, section: str, **kwargs) -> Any:
+  """cls(**kwargs), with a bad value's error naming the config key (config.<section>.<key>) instead of the field."""
+  try:
+    return cls(**kwargs)
+  except ValueError as e:
+    message = str(e).replace(f"{cls.__name__}.total_step", "config.steps").replace("total_step", "config.steps")
+    raise ValueError(message.replace(f"{cls.__name__}.", f"config.{section}.")) from None
+
+
+def _settings(config: ml_collections.ConfigDict, section: str, keys: tuple[str, ...]) -> dict:
+  """{key: value} of config.<section> for the `keys` it holds (a key left out keeps the method's default)."""
+  return {k: config[section][k] for k in keys if k in config[section]}
+
+
+def _saved(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return tuple(n for n in config.get("modules_to_save", "").split(",") if n)
+
+
+def _lora(config, model_type, tokenizer_path):
+  cls = dora.DoraConfig if config.method == "dora" else pj.LoraConfig
+  return cls(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+             targets=names_or_regex(config.lora.targets))
+
+
+def _adalora(config, model_type, tokenizer_path):
+  settings = _settings(config, "adalora", SECTION_KEYS["adalora"])
+  if "targets" in settings:
+    settings["targets"] = names_or_regex(settings["targets"])
+  return _build(adalora.AdaLoraConfig, "adalora", total_step=config.steps, **settings)
+
+
+def _ia3(config, model_type, tokenizer_path):
+  overrides = {k: names_or_regex(config.ia3[k]) for k in ("targets", "feedforward") if config.ia3[k]}
+  return ia3.IA3Config.for_model(model_type, **overrides)
+
+
+def _bitfit(config, model_type, tokenizer_path):
+  # BitFit trains the modules to save itself (one mask over the base tree).
+  targets = config.bitfit.targets
+  return bitfit.BitFitConfig(targets=names_or_regex(targets) if targets else None, modules_to_save=_saved(config))
+
+
+def _adapter(config, model_type, tokenizer_path):
+  return _build(ADAPTER_PRESETS[config.method], "adapter", **_settings(config, "adapter", SECTION_KEYS["adapter"]))
+
+
+def _hidden_size(settings: dict) -> dict:
+  """encoder_hidden_size 0 means the model's own width (None for the method)."""
+  if "encoder_hidden_size" in settings:
+    settings["encoder_hidden_size"] = settings["encoder_hidden_size"] or None
+  return settings
+
+
+def _prompt_tuning(config, model_type, tokenizer_path):
+  settings = _settings(config, "prompt", ("num_virtual_tokens", "init", "init_text"))
+  if settings.get("init") == "text":
+    if not tokenizer_path:
+      raise ValueError("config.prompt.init='text' tokenises config.prompt.init_text with the model's tokenizer, "
+                       "which has no folder or hub id here (a GGUF tokenizer?); use init 'random' or 'sample_vocab'.")
+    settings["tokenizer"] = tokenizer_path
+  return _build(prompt_tuning.PromptTuningConfig, "prompt", **settings)
+
+
+def _p_tuning(config, model_type, tokenizer_path):
+  keys = ("num_virtual_tokens", "encoder_type", "encoder_hidden_size", "encoder_num_layers")
+  return _build(p_tuning.PTuningConfig, "prompt", **_hidden_size(_settings(config, "prompt", keys)))
+
+
+def _prefix_tuning(config, model_type, tokenizer_path):
+  keys = ("num_virtual_tokens", "encoder_hidden_size") + (("projection",) if config.method == "prefix_tuning" else ())
+  cls = prefix_tuning.PrefixTuningConfig if config.method == "prefix_tuning" else prefix_tuning.PTuningV2Config
+  return _build(cls, "prompt", **_hidden_size(_settings(config, "prompt", keys)))
+
+
+# config.method -> (the config section it reads or None, builder(config, model_type, tokenizer path) -> method config).
+METHODS: dict[str, tuple[str | None, Callable[..., Any] | None]] = {
+    "lora": ("lora", _lora), "dora": ("lora", _lora), "adalora": ("adalora", _adalora), "ia3": ("ia3", _ia3),
+    "bitfit": ("bitfit", _bitfit), "houlsby": ("adapter", _adapter), "pfeiffer": ("adapter", _adapter),
+    "parallel": ("adapter", _adapter), "prompt_tuning": ("prompt", _prompt_tuning), "p_tuning": ("prompt", _p_tuning),
+    "prefix_tuning": ("prompt", _prefix_tuning), "p_tuning_v2": ("prompt", _prefix_tuning), "full": (None, None),
+}
+
+
 def check(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError (one sentence naming the key and what is valid) for a bad method choice."""
+  """Raises ValueError (one sentence naming the key and what is valid) for a bad method choice or section."""
   if config.method not in METHODS:
     raise ValueError(f"config.method={config.method!r} is not a known method; valid: {list(METHODS)}.")
-  section = "lora" if config.method == "dora" else config.method
-  if section != "full" and section not in config:
+  section = METHODS[config.method][0]
+  if section is not None and section not in config:
     raise ValueError(f"config.method={config.method!r} reads its settings from config.{section}, which this config "
                      "file does not define; add that section.")
+  unknown = sorted(set(config[section]) - set(SECTION_KEYS[section])) if section in SECTION_KEYS else []
+  if unknown:
+    raise ValueError(f"config.{section} has the unknown key {unknown[0]!r}; valid: {list(SECTION_KEYS[section])}.")
 
 
-def method_config(config: ml_collections.ConfigDict, model_type: str) -> Any:
-  """The method config(s) for `config` (a list when modules_to_save are added); None for full fine-tuning."""
+def method_config(config: ml_collections.ConfigDict, model_type: str, tokenizer_path: str = "") -> Any:
+  """The method config(s) for `config` (a list when modules_to_save are added); None for full fine-tuning.
+
+  `tokenizer_path` (the model's tokenizer folder or hub id) is what prompt tuning's "text" init tokenises with.
+  """
   check(config)
-  saved = tuple(n for n in config.get("modules_to_save", "").split(",") if n)
   if config.method == "full":
     return None
-  if config.method == "bitfit":
-    targets = config.bitfit.targets
-    return bitfit.BitFitConfig(targets=names_or_regex(targets) if targets else None, modules_to_save=saved)
-  if config.method == "ia3":
-    overrides = {k: names_or_regex(config.ia3[k]) for k in ("targets", "feedforward") if config.ia3[k]}
-    cfg = ia3.IA3Config.for_model(model_type, **overrides)
-  else:
-    cls = dora.DoraConfig if config.method == "dora" else pj.LoraConfig
-    cfg = cls(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
-              targets=names_or_regex(config.lora.targets))
-  return [cfg, modules_to_save.ModulesToSaveConfig(saved)] if saved else cfg
+  cfg = METHODS[config.method][1](config, model_type, tokenizer_path)
+  saved = _saved(config)
+  return [cfg, modules_to_save.ModulesToSaveConfig(saved)] if saved and config.method != "bitfit" else cfg
+
+
+def _configs(method_cfg: Any) -> list:
+  return [] if method_cfg is None else list(method_cfg) if isinstance(method_cfg, list) else [method_cfg]
+
+
+def mergeable(method_cfg: Any) -> bool:
+  """Whether every method in `method_cfg` folds into the weights (adapters and prompts do not)."""
+  return all(hasattr(api.method_module(c), "merge") for c in _configs(method_cfg))
+
+
+def virtual_tokens(method_cfg: Any) -> int:
+  """How many virtual input positions a prompt method (prompt tuning, P-tuning) puts in front of each row; else 0."""
+  return sum(c.num_virtual_tokens for c in _configs(method_cfg) if isinstance(c, PROMPT_CONFIGS))
+
+
+def at_placeholders(method_cfg: Any) -> Any:
+  """`method_cfg` with its prompt method writing the virtual tokens at PLACEHOLDER ids the caller puts in the input
+  (for a causal LM, whose logits must then keep the virtual positions; see `train.tasks.CausalLM`)."""
+  cfgs = [dataclasses.replace(c, placeholder_token_id=PLACEHOLDER) if isinstance(c, PROMPT_CONFIGS) else c
+          for c in _configs(method_cfg)]
+  return cfgs if isinstance(method_cfg, list) else cfgs[0]
+
+
+def training_hooks(method_cfg: Any, trainable: Any) -> dict:
+  """The train step's method hooks for `method_cfg` ({} for most methods).
+
+  AdaLoRA: {'extra_loss': its orthogonality regulariser, 'post_update': its rank allocation after each optimizer
+  update (importance EMAs, the budget schedule of step state['step'], masks), 'method_state': the allocator's
+  initial state}.  Everything is a fixed-shape pytree, so the step compiles once.
+  """
+  cfgs = _configs(method_cfg)
+  for index, cfg in enumerate(cfgs):
+    if isinstance(cfg, adalora.AdaLoraConfig):
+      composed = isinstance(method_cfg, list)
+      own = lambda tree: tree[index] if composed else tree  # noqa: E731
+
+      def post_update(state, grads):
+        adapters, method_state, _ = adalora.update_and_allocate(cfg, state["method_state"], own(state["trainable"]),
+                                                                own(grads), state["step"])
+        trainable = (tuple(adapters if i == index else t for i, t in enumerate(state["trainable"])) if composed
+                     else adapters)
+        return {**state, "trainable": trainable, "method_state": method_state}
+
+      return {"extra_loss": lambda tree: adalora.orthogonal_regularization(cfg, own(tree)),
+              "post_update": post_update, "method_state": adalora.init_state(own(trainable))}
+  return {}
+
+
+def kept_ranks(method_state: dict) -> int:
+  """AdaLoRA: the number of singular values its mask keeps, over every adapted layer."""
+  return int(sum(np.sum(distributed.to_host(m)) for m in jax.tree.leaves(method_state["mask"])))

@@ -21,7 +21,7 @@ import peftjax as pj
 from peftjax import distributed, sharding
 from peftjax.models import t5
 
-from train import data
+from train import data, methods
 
 DECAYS = ("cosine", "linear")
 
@@ -31,10 +31,22 @@ def make_forward(model, task, method_cfg) -> Callable[..., jax.Array]:
 
   `task` is the task adapter (it names the model inputs); `method_cfg` the peftjax method config(s),
   or None for full fine-tuning (then `trainable` is the whole parameter tree and `frozen` is empty).
+  A prompt method on a task whose logits keep the virtual positions (`task.virtual_positions_in_logits`: a causal
+  LM) gets its virtual tokens as placeholder ids in front of each row, with attention-mask ones, so the logits are
+  that much longer; otherwise the method strips them from per-token outputs itself.
   """
+  virtual = methods.virtual_tokens(method_cfg) if task.virtual_positions_in_logits else 0
+  if virtual:
+    method_cfg = methods.at_placeholders(method_cfg)
   adapted = pj.apply(method_cfg, model.apply) if method_cfg is not None else None
 
   def forward(trainable, frozen, batch, rng=None):
+    if virtual:
+      rows = batch["input_ids"].shape[0]
+      batch = {**batch, "input_ids": jnp.concatenate([jnp.full((rows, virtual), methods.PLACEHOLDER, jnp.int32),
+                                                      batch["input_ids"]], axis=1),
+               "attention_mask": jnp.concatenate([jnp.ones((rows, virtual), batch["attention_mask"].dtype),
+                                                  batch["attention_mask"]], axis=1)}
     args = task.inputs(model, batch)
     kwargs = dict(deterministic=rng is None, rngs={"dropout": rng} if rng is not None else None)
     if adapted is None:

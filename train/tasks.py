@@ -13,6 +13,7 @@ import math
 import types
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from peftjax.models import bert, gpt2, llama, roberta, t5
@@ -37,6 +38,7 @@ class Seq2SeqLM:
   kind = "seq2seq_lm"
   peft_task_type = "SEQ_2_SEQ_LM"
   length_keys = ("source_length", "target_length")
+  virtual_positions_in_logits = False  # prompt tuning's virtual tokens go to the encoder
 
   @staticmethod
   def tokenize(tokenizer, examples, config) -> dict:
@@ -67,6 +69,7 @@ class SequenceClassification:
   kind = "sequence_classification"
   peft_task_type = "SEQ_CLS"
   length_keys = ("max_length",)
+  virtual_positions_in_logits = False  # one row of logits; the pooler reads the first (virtual) token as in PEFT
 
   @staticmethod
   def tokenize(tokenizer, examples, config) -> dict:
@@ -90,6 +93,9 @@ class CausalLM:
   kind = "causal_lm"
   peft_task_type = "CAUSAL_LM"
   length_keys = ("max_length",)
+  # Prompt tuning / P-tuning: the logits keep the virtual positions (`train.steps.make_forward`), so that, as in
+  # Hugging Face PEFT, the last virtual token predicts the first real one.
+  virtual_positions_in_logits = True
 
   @staticmethod
   def tokenize(tokenizer, texts, config) -> dict:
@@ -100,7 +106,9 @@ class CausalLM:
 
   @staticmethod
   def aligned(logits, labels):
-    """Position t predicts token t + 1."""
+    """Position t predicts token t + 1; positions in front of the labels (virtual tokens) get ignored labels."""
+    virtual = logits.shape[1] - labels.shape[1]
+    labels = jnp.pad(labels, ((0, 0), (virtual, 0)), constant_values=IGNORE)
     return logits[:, :-1], labels[:, 1:]
 
   @staticmethod
