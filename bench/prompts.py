@@ -45,23 +45,23 @@ def measure(cfg, model, params, batch, repeats: int) -> tuple[int, float, int, i
   adapted = pj.apply(cfg, model.apply)
   tx = optax.adam(1e-3)
 
-  def loss_fn(adapters):
+  def loss_fn(adapters, params, batch):
     logits = adapted(params, adapters, batch["input_ids"], batch["attention_mask"])
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], batch["input_ids"][:, 1:]).mean()
 
-  def step(adapters, opt_state):
-    grads = jax.grad(loss_fn)(adapters)
+  def step(adapters, opt_state, params, batch):  # params and batch are arguments, not compile-time constants
+    grads = jax.grad(loss_fn)(adapters, params, batch)
     updates, opt_state = tx.update(grads, opt_state)
     return optax.apply_updates(adapters, updates), opt_state
 
   opt_state = tx.init(adapters)
-  compiled = jax.jit(step).lower(adapters, opt_state).compile()
+  compiled = jax.jit(step).lower(adapters, opt_state, params, batch).compile()
   memory = compiled.memory_analysis()
   temp = int(getattr(memory, "temp_size_in_bytes", 0)) if memory is not None else 0
   times = []
   for i in range(repeats + 1):
     start = time.perf_counter()
-    adapters, opt_state = jax.block_until_ready(compiled(adapters, opt_state))
+    adapters, opt_state = jax.block_until_ready(compiled(adapters, opt_state, params, batch))
     if i:  # the first run warms up
       times.append(time.perf_counter() - start)
   return ptree.count(adapters), statistics.median(times), temp, ptree.nbytes(adapters)
