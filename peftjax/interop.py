@@ -43,6 +43,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 PROMPT_PREFIX = "base_model."  # PEFT's prompt-learning models hold the transformers model directly
 PEFT_TYPES = ("LORA", "ADALORA", "IA3", *interop_prompts.PEFT_TYPES)
+NoPeftFormatError = interop_prompts.NoPeftFormatError
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 def _is_conv1d(path: str) -> bool:
   """GPT-2's layers (everything under transformer/) are Conv1D, whose weights PyTorch stores (in, out) like ours."""
@@ -101,10 +102,10 @@ def save_lora_adapter(folder: str, cfg: lora.LoraConfig, adapters: dict, base_mo
   that `lora.pissa_init` returned, and PEFT would otherwise redo PiSSA on the base it loads them into.
   """
   config, tensors = _lora_files(cfg, adapters)
-  _write_folder(folder, {**config, **_common(base_model_name_or_path, task_type)}, tensors)
+  write_folder(folder, {**config, **_common(base_model_name_or_path, task_type)}, tensors)
 
 
-def _write_folder(folder: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
+def write_folder(folder: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
   """Writes adapter_config.json and adapter_model.safetensors into `folder` (replaced whole, via a temporary folder)."""
   parent = os.path.dirname(os.path.abspath(folder))
   os.makedirs(parent, exist_ok=True)
@@ -237,7 +238,7 @@ def save_adalora_adapter(folder: str, cfg: adalora.AdaLoraConfig, adapters: dict
   triplets the pattern keeps; without it, all init_r of every module.
   """
   config, tensors = _adalora_files(cfg, adapters, state)
-  _write_folder(folder, {**config, **_common(base_model_name_or_path, task_type)}, tensors)
+  write_folder(folder, {**config, **_common(base_model_name_or_path, task_type)}, tensors)
 
 
 def _adalora_from(folder: str, config: dict, tensors: dict[str, np.ndarray],
@@ -381,22 +382,18 @@ def _saved_modules_from(folder: str, names: list[str], tensors: dict[str, np.nda
   return cfg, ptree.unflatten(saved), rest
 
 
-def save_adapter(folder: str, cfg, adapters, base_model_name_or_path: str | None = None, task_type: str | None = None,
-                 state: dict | None = None) -> None:
-  """Writes a Hugging Face PEFT adapter folder for any method PEFT also has.
-
-  `cfg` is a LoraConfig, DoraConfig, AdaLoraConfig (with the allocator `state`, see `save_adalora_adapter`),
-  IA3Config, PromptTuningConfig, PTuningConfig, PrefixTuningConfig or PTuningV2Config, or a list of one of
-  them and a ModulesToSaveConfig (with `adapters` the matching tuple).  Soft prompts are saved folded, as PEFT
-  saves them, and need `task_type` (see `peftjax.interop_prompts`).
-  """
+def adapter_files(cfg, adapters, base_model_name_or_path: str | None = None, task_type: str | None = None,
+                  state: dict | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+  """(adapter_config.json entries, safetensors tensors) of the Hugging Face PEFT folder `save_adapter` writes."""
   cfgs, trees = (list(cfg), list(adapters)) if isinstance(cfg, (list, tuple)) else ([cfg], [adapters])
   saved = [i for i, c in enumerate(cfgs) if isinstance(c, modules_to_save.ModulesToSaveConfig)]
   methods = [i for i in range(len(cfgs)) if i not in saved]
-  if len(methods) != 1 or len(saved) > 1 or len(trees) != len(cfgs):
-    raise ValueError(f"save_adapter takes one method config, optionally listed with one ModulesToSaveConfig, and "
-                     f"one adapter tree per config; got configs {[type(c).__name__ for c in cfgs]} and "
-                     f"{len(trees)} trees.")
+  if len(trees) != len(cfgs):
+    raise ValueError(f"save_adapter takes one adapter tree per config; got configs {[type(c).__name__ for c in cfgs]} "
+                     f"and {len(trees)} trees.")
+  if len(methods) != 1 or len(saved) > 1:
+    raise NoPeftFormatError(f"save_adapter takes one method config, optionally listed with one ModulesToSaveConfig; "
+                            f"got configs {[type(c).__name__ for c in cfgs]}.")
   method, tree = cfgs[methods[0]], trees[methods[0]]
   common = _common(base_model_name_or_path, task_type)
   prefix = PREFIX
@@ -410,13 +407,27 @@ def save_adapter(folder: str, cfg, adapters, base_model_name_or_path: str | None
     config, tensors = interop_prompts.files(method, tree, task_type)
     prefix = PROMPT_PREFIX
   else:
-    raise ValueError(f"{type(method).__name__} has no Hugging Face PEFT format; save_adapter writes "
-                     f"{['LoraConfig', 'DoraConfig', 'AdaLoraConfig', 'IA3Config']} and "
-                     f"{[c.__name__ for c in interop_prompts.CONFIGS]} (and PTuningV2Config) configs.")
+    raise NoPeftFormatError(f"{type(method).__name__} has no Hugging Face PEFT format; save_adapter writes "
+                            f"{['LoraConfig', 'DoraConfig', 'AdaLoraConfig', 'IA3Config']} and "
+                            f"{[c.__name__ for c in interop_prompts.CONFIGS]} (and PTuningV2Config) configs.")
   if saved:
     common["modules_to_save"], more = _saved_modules_files(cfgs[saved[0]], trees[saved[0]], prefix)
     tensors.update(more)
-  _write_folder(folder, {**config, **common}, tensors)
+  return {**config, **common}, tensors
+
+
+def save_adapter(folder: str, cfg, adapters, base_model_name_or_path: str | None = None, task_type: str | None = None,
+                 state: dict | None = None) -> None:
+  """Writes a Hugging Face PEFT adapter folder for any method PEFT also has.
+
+  `cfg` is a LoraConfig, DoraConfig, AdaLoraConfig (with the allocator `state`, see `save_adalora_adapter`),
+  IA3Config, PromptTuningConfig, PTuningConfig, PrefixTuningConfig or PTuningV2Config, or a list of one of
+  them and a ModulesToSaveConfig (with `adapters` the matching tuple).  Soft prompts are saved folded, as PEFT
+  saves them, and need `task_type` (see `peftjax.interop_prompts`).  A method or setting PEFT has no format for
+  (bottleneck adapters, UniPELT, several methods, encoder prefixes, placeholder templates) raises
+  NoPeftFormatError (a ValueError) before anything is written.
+  """
+  write_folder(folder, *adapter_files(cfg, adapters, base_model_name_or_path, task_type, state))
 
 
 def load_adapter(folder: str, params: dict):

@@ -30,6 +30,10 @@ CONFIGS = (prompt_tuning.PromptTuningConfig, p_tuning.PTuningConfig, prefix_tuni
 KEY = "prompt_embeddings"
 
 
+class NoPeftFormatError(ValueError):
+  """The method (or this setting of it) has no Hugging Face PEFT adapter format; save it with Orbax instead."""
+
+
 def files(cfg, adapters: dict, task_type: str | None) -> tuple[dict, dict[str, np.ndarray]]:
   """(adapter_config.json entries, {"prompt_embeddings": folded table}) for a soft-prompt config."""
   name = type(cfg).__name__
@@ -37,14 +41,14 @@ def files(cfg, adapters: dict, task_type: str | None) -> tuple[dict, dict[str, n
     raise ValueError(f"saving a {name} needs task_type (PEFT picks the model class that inserts the prompts by it), "
                      "e.g. 'CAUSAL_LM', 'SEQ_2_SEQ_LM', 'SEQ_CLS' or 'TOKEN_CLS'.")
   if getattr(cfg, "placeholder_token_id", None) is not None:
-    raise ValueError(f"{name}.placeholder_token_id={cfg.placeholder_token_id} has no Hugging Face PEFT equivalent "
+    raise NoPeftFormatError(f"{name}.placeholder_token_id={cfg.placeholder_token_id} has no Hugging Face PEFT equivalent "
                      "(PEFT prepends the virtual tokens); save with placeholder_token_id=None.")
   k = cfg.num_virtual_tokens
   config = {"num_virtual_tokens": k, "num_layers": None, "num_attention_heads": None}
   if isinstance(cfg, prefix_tuning.PrefixTuningConfig):
     if cfg.stacks != ("decoder",):
-      raise ValueError(f"{name}.stacks={cfg.stacks!r} has no Hugging Face PEFT equivalent (PEFT puts prefixes in "
-                       "the decoder of encoder-decoders); valid: ('decoder',).")
+      raise NoPeftFormatError(f"{name}.stacks={cfg.stacks!r} has no Hugging Face PEFT equivalent (PEFT puts prefixes "
+                              "in the decoder of encoder-decoders); valid: ('decoder',).")
     table = prefix_tuning.prefix_table(cfg, adapters)
     config |= {"peft_type": "PREFIX_TUNING", "prefix_projection": cfg.projection, "token_dim": None,
                "encoder_hidden_size": cfg.encoder_hidden_size, "init_weights": None,

@@ -5,10 +5,10 @@ sequence classification, causal LM); config.method picks the method (`train.meth
 
 workdir layout: checkpoints/<step>/ (Orbax: train state + data position), tensorboard/ (event
 files), merged/ (the model with the method folded in + tokenizer, a Hugging Face folder; not for bottleneck
-adapters and prompt / prefix methods, which do not fold into the weights), adapter/
-(a Hugging Face PEFT folder for LoRA / DoRA, an Orbax tree of the trained leaves for the other
-methods or with modules_to_save) and, for a randomly initialised model, base/ (the frozen base the
-adapter applies to).
+adapters and prompt / prefix methods, which do not fold into the weights), adapter/ (a Hugging Face PEFT
+folder, modules_to_save included, for every method PEFT has: LoRA, DoRA, AdaLoRA, IA3 and the prompt family;
+an Orbax tree of the trained leaves for the others) and, for a randomly initialised model, base/ (the frozen
+base the adapter applies to).
 
 Scale (config.scale): the same run goes from one CPU to a TPU pod.  `main` first joins a multi-process job
 when asked (`peftjax.distributed.initialize`), builds the (data, fsdp, tensor) device mesh, places the
@@ -234,11 +234,13 @@ def _train_summary(metrics: list[dict], learning_rate: float, seconds: float) ->
           "steps_per_second": len(metrics) / seconds}
 
 
-def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config, frozen_shardings) -> list[str]:
+def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config, frozen_shardings,
+           method_state=None) -> list[str]:
   """Writes workdir/merged (+ tokenizer) and, for a method with adapters, workdir/adapter (+ workdir/base for a
-  random model); returns the folder names written.  A method that cannot be folded into the weights (bottleneck
-  adapters, prompts) gets no merged folder.  Every process takes part in gathering the sharded trees; process 0
-  writes the files."""
+  random model); returns the folder names written.  The adapter is a Hugging Face PEFT folder for every method
+  PEFT has (with AdaLoRA's rank pattern from `method_state`), else an Orbax tree of the trained leaves.  A method
+  that cannot be folded into the weights (bottleneck adapters, prompts) gets no merged folder.  Every process
+  takes part in gathering the sharded trees; process 0 writes the files."""
   family = tasks.FAMILIES[config.family]
   writer = jax.process_index() == 0
   written = []
@@ -252,14 +254,17 @@ def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config
         distributed.export_merged(family.module.save_pretrained, model, frozen, folder)
         if writer:
           tokenizer.save_pretrained(folder)
-    if isinstance(method_cfg, pj.LoraConfig):  # DoRA too
-      adapters = _host(trainable)
+    try:  # every process gathers the trees and decides alike
+      files = interop.adapter_files(method_cfg, _host(trainable), base_name, family.task.peft_task_type,
+                                    _host(method_state) or None)
+    except interop.NoPeftFormatError as e:  # Orbax: every process writes its shards (to a gs:// workdir too)
+      if writer:
+        print(f"{workdir}/adapter is an Orbax tree (checkpoint.load_adapters reads it): {e}")
+      checkpoint.save_adapters(f"{workdir}/adapter", trainable)
+    else:
       with output_folder(workdir, "adapter") as folder:
         if writer:
-          interop.save_lora_adapter(folder, method_cfg, adapters, base_model_name_or_path=base_name,
-                                    task_type=family.task.peft_task_type)
-    else:  # Orbax: every process writes its shards (to a gs:// workdir too)
-      checkpoint.save_adapters(f"{workdir}/adapter", trainable)
+          interop.write_folder(folder, *files)
   if not methods.mergeable(method_cfg):
     if writer:
       print(f"config.method={config.method!r} cannot be folded into the weights, so there is no {workdir}/merged; "
@@ -366,7 +371,8 @@ def main(config: ml_collections.ConfigDict) -> dict:
   manager.close()
   if config.method == "adalora":
     print(f"AdaLoRA keeps {methods.kept_ranks(state['method_state'])} singular values")
-  written = export(workdir, model, frozen, state["trainable"], method_cfg, tokenizer, config, shardings["frozen"])
+  written = export(workdir, model, frozen, state["trainable"], method_cfg, tokenizer, config, shardings["frozen"],
+                   state["method_state"])
   print("wrote " + " and ".join(f"{workdir}/{name}" for name in written))
   return {"start_step": start_step, "final_step": final_step, "before": before, "after": after,
           "trainable_parameters": trainable_line, "train_seconds": train_seconds, "state": state,
