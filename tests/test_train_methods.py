@@ -1,5 +1,6 @@
 """`train.main` with every method beyond LoRA / DoRA / (IA)³ / BitFit: AdaLoRA (its rank budget and regulariser inside
-the step), bottleneck adapters, prompt tuning, P-tuning, prefix tuning and P-tuning v2 on a tiny GPT-2; the causal-LM
+the step), bottleneck adapters, prompt tuning, P-tuning, prefix tuning, P-tuning v2 and the combinations MAM and UniPELT
+on a tiny GPT-2; the causal-LM
 loss of prompt tuning against Hugging Face PEFT's; every new config file end to end with tiny overrides; the errors."""
 
 from __future__ import annotations
@@ -32,14 +33,17 @@ STEPS = 8
 TINY = {**test_train_zoo.TINY_GPT2, "steps": STEPS, "max_length": 16, "eval_examples": 8, "train_examples": 8,
         "log_every": 1, "checkpoint_every": STEPS, "prompt.num_virtual_tokens": 4, "prompt.encoder_hidden_size": 16}
 SECTIONS = {"adalora": dict(init_r=4, target_r=2, alpha=8.0, targets="c_attn,c_fc", tinit=1, tfinal=3, delta_t=2),
-            "adapter": dict(reduction_factor=4.0)}
+            "adapter": dict(reduction_factor=4.0),
+            "mam": dict(prefix_length=4, prefix_hidden=16, reduction_factor=4.0, scaling=4.0),
+            "unipelt": dict(parts="lora,adapter,prefix", lora_rank=4, lora_targets="c_attn", reduction_factor=4.0,
+                            prefix_length=4, prefix_hidden=16)}
 LEARNING_RATES = {"adalora": 3e-2, "houlsby": 3e-2, "pfeiffer": 3e-2, "parallel": 3e-2, "prompt_tuning": 0.1,
-                  "p_tuning": 1e-2, "prefix_tuning": 1e-2, "p_tuning_v2": 0.1}
+                  "p_tuning": 1e-2, "prefix_tuning": 1e-2, "p_tuning_v2": 0.1, "mam": 1e-2, "unipelt": 1e-2}
 MERGEABLE = ("adalora",)
 
 
 def tiny_config(workdir, method: str, **overrides) -> ml_collections.ConfigDict:
-  """configs/prefix_tuning_gpt2.py (it holds config.prompt) shrunk to TINY, with config.adalora / config.adapter."""
+  """configs/prefix_tuning_gpt2.py (it holds config.prompt) shrunk to TINY, with the other method sections."""
   config = test_train_zoo.load_config("prefix_tuning_gpt2", workdir, method=method,
                                       **{**TINY, "optimizer.learning_rate": LEARNING_RATES[method]})
   for name, section in SECTIONS.items():
