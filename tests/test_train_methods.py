@@ -153,6 +153,8 @@ CONFIG_RUNS = {
     ("adalora_bert_sentiment", None): {**QUICK, "max_length": 16, "adalora.tinit": 0, "adalora.tfinal": 1},
     ("adapter_bert_sentiment", "pfeiffer"): {**QUICK, "max_length": 16},
     ("p_tuning_v2_bert_sentiment", None): {**QUICK, "max_length": 16},
+    ("mam_bert_sentiment", None): {**QUICK, "max_length": 16, "mam.prefix_length": 4, "mam.prefix_hidden": 32},
+    ("unipelt_bert_sentiment", None): {**QUICK, "max_length": 16, "unipelt.prefix_hidden": 32},
     ("ia3_t5", None): {**QUICK, **T5_TINY, "source_length": 16, "target_length": 3},
     ("prompt_tuning_t5", None): {**QUICK, **T5_TINY, "source_length": 16, "target_length": 3},
     ("prefix_tuning_gpt2", None): {**QUICK, "max_length": 16, "model_shape.n_embd": 32, "model_shape.n_head": 2,
@@ -175,7 +177,7 @@ def test_config_files_run_end_to_end(tmp_path, name, arg):
                                         loop.load_model(config)[2])[1]["prompt_embeddings"]
     np.testing.assert_array_equal(np.asarray(initial)[:len(ids)], table[ids])
   if name.endswith("bert_sentiment"):  # modules_to_save composes with the method: the head trains
-    assert isinstance(result["method"], list) and result["method"][1].modules == ("classifier", "pooler")
+    assert isinstance(result["method"], list) and result["method"][-1].modules == ("classifier", "pooler")
 
 
 def test_adapter_config_options():
@@ -209,6 +211,16 @@ def test_bad_method_sections_give_one_clear_sentence(tmp_path):
   assert error("adalora", **{"adalora.tinit": 6}) == (
       "config.adalora.tinit=6 must be below config.steps - tfinal = 5 so that the budget has steps to decrease in.")
   assert error("adalora", steps=0).startswith("config.steps must be a positive integer")
+  assert error("mam", **{"mam.prefix_length": 0}) == "config.mam.prefix_length must be at least 1, got 0."
+  assert error("unipelt", **{"unipelt.reduction_factor": 0.0}) == (
+      "config.unipelt.reduction_factor must be positive, got 0.0.")
+  assert error("unipelt", **{"unipelt.lora_rank": 0}) == "config.unipelt.lora_rank must be a positive integer, got 0."
+  assert error("unipelt", **{"unipelt.parts": "lora,prompt"}) == (
+      "config.unipelt.parts='lora,prompt' is not valid; list some of ['lora', 'adapter', 'prefix'] (separated by "
+      "commas, each once).")
+  unipelt_cfg = methods.method_config(tiny_config(tmp_path, "unipelt", **{"unipelt.parts": "adapter,prefix"}), "gpt2")
+  assert unipelt_cfg.lora is None and unipelt_cfg.adapter.reduction_factor == 4.0
+  assert (unipelt_cfg.prefix.num_virtual_tokens, unipelt_cfg.prefix.encoder_hidden_size) == (4, 16)
   config = tiny_config(tmp_path, "houlsby")
   config.adapter.reduction = 4.0
   with pytest.raises(ValueError, match=r"config\.adapter has the unknown key 'reduction'; valid: \['reduction_factor'"):
