@@ -20,7 +20,6 @@ method, as Hugging Face PEFT does for a new task head.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 from typing import Any, Callable
@@ -189,14 +188,15 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def method_config(config: ml_collections.ConfigDict, model_type: str, tokenizer_path: str = "") -> Any:
-  """The method config(s) for `config` (a list when modules_to_save are added); None for full fine-tuning.
+  """The method config(s) for `config` (a list for MAM and when modules_to_save are added); None for full
+  fine-tuning.
 
   `tokenizer_path` (the model's tokenizer folder or hub id) is what prompt tuning's "text" init tokenises with.
   """
   check(config)
   if config.method == "full":
     return None
-  cfg = METHODS[config.method][1](config, model_type, tokenizer_path)  # a list for MAM
+  cfg = METHODS[config.method][1](config, model_type, tokenizer_path)
   saved = _saved(config)
   if not saved or config.method == "bitfit":
     return cfg
