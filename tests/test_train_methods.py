@@ -1,5 +1,6 @@
 """`train.main` with every method beyond LoRA / DoRA / (IA)³ / BitFit: AdaLoRA (its rank budget and regulariser inside
-the step), bottleneck adapters, prompt tuning, P-tuning, prefix tuning and P-tuning v2 on a tiny GPT-2; the causal-LM
+the step), bottleneck adapters, prompt tuning, P-tuning, prefix tuning, P-tuning v2 and the combinations MAM and UniPELT
+on a tiny GPT-2; the causal-LM
 loss of prompt tuning against Hugging Face PEFT's; every new config file end to end with tiny overrides; the errors."""
 
 from __future__ import annotations
@@ -32,14 +33,17 @@ STEPS = 8
 TINY = {**test_train_zoo.TINY_GPT2, "steps": STEPS, "max_length": 16, "eval_examples": 8, "train_examples": 8,
         "log_every": 1, "checkpoint_every": STEPS, "prompt.num_virtual_tokens": 4, "prompt.encoder_hidden_size": 16}
 SECTIONS = {"adalora": dict(init_r=4, target_r=2, alpha=8.0, targets="c_attn,c_fc", tinit=1, tfinal=3, delta_t=2),
-            "adapter": dict(reduction_factor=4.0)}
+            "adapter": dict(reduction_factor=4.0),
+            "mam": dict(prefix_length=4, prefix_hidden=16, reduction_factor=4.0, scaling=4.0),
+            "unipelt": dict(parts="lora,adapter,prefix", lora_rank=4, lora_targets="c_attn", reduction_factor=4.0,
+                            prefix_length=4, prefix_hidden=16)}
 LEARNING_RATES = {"adalora": 3e-2, "houlsby": 3e-2, "pfeiffer": 3e-2, "parallel": 3e-2, "prompt_tuning": 0.1,
-                  "p_tuning": 1e-2, "prefix_tuning": 1e-2, "p_tuning_v2": 0.1}
+                  "p_tuning": 1e-2, "prefix_tuning": 1e-2, "p_tuning_v2": 0.1, "mam": 1e-2, "unipelt": 1e-2}
 MERGEABLE = ("adalora",)
 
 
 def tiny_config(workdir, method: str, **overrides) -> ml_collections.ConfigDict:
-  """configs/prefix_tuning_gpt2.py (it holds config.prompt) shrunk to TINY, with config.adalora / config.adapter."""
+  """configs/prefix_tuning_gpt2.py (it holds config.prompt) shrunk to TINY, with the other method sections."""
   config = test_train_zoo.load_config("prefix_tuning_gpt2", workdir, method=method,
                                       **{**TINY, "optimizer.learning_rate": LEARNING_RATES[method]})
   for name, section in SECTIONS.items():
@@ -149,6 +153,8 @@ CONFIG_RUNS = {
     ("adalora_bert_sentiment", None): {**QUICK, "max_length": 16, "adalora.tinit": 0, "adalora.tfinal": 1},
     ("adapter_bert_sentiment", "pfeiffer"): {**QUICK, "max_length": 16},
     ("p_tuning_v2_bert_sentiment", None): {**QUICK, "max_length": 16},
+    ("mam_bert_sentiment", None): {**QUICK, "max_length": 16, "mam.prefix_length": 4, "mam.prefix_hidden": 32},
+    ("unipelt_bert_sentiment", None): {**QUICK, "max_length": 16, "unipelt.prefix_hidden": 32},
     ("ia3_t5", None): {**QUICK, **T5_TINY, "source_length": 16, "target_length": 3},
     ("prompt_tuning_t5", None): {**QUICK, **T5_TINY, "source_length": 16, "target_length": 3},
     ("prefix_tuning_gpt2", None): {**QUICK, "max_length": 16, "model_shape.n_embd": 32, "model_shape.n_head": 2,
@@ -171,7 +177,7 @@ def test_config_files_run_end_to_end(tmp_path, name, arg):
                                         loop.load_model(config)[2])[1]["prompt_embeddings"]
     np.testing.assert_array_equal(np.asarray(initial)[:len(ids)], table[ids])
   if name.endswith("bert_sentiment"):  # modules_to_save composes with the method: the head trains
-    assert isinstance(result["method"], list) and result["method"][1].modules == ("classifier", "pooler")
+    assert isinstance(result["method"], list) and result["method"][-1].modules == ("classifier", "pooler")
 
 
 def test_adapter_config_options():
@@ -205,6 +211,16 @@ def test_bad_method_sections_give_one_clear_sentence(tmp_path):
   assert error("adalora", **{"adalora.tinit": 6}) == (
       "config.adalora.tinit=6 must be below config.steps - tfinal = 5 so that the budget has steps to decrease in.")
   assert error("adalora", steps=0).startswith("config.steps must be a positive integer")
+  assert error("mam", **{"mam.prefix_length": 0}) == "config.mam.prefix_length must be at least 1, got 0."
+  assert error("unipelt", **{"unipelt.reduction_factor": 0.0}) == (
+      "config.unipelt.reduction_factor must be positive, got 0.0.")
+  assert error("unipelt", **{"unipelt.lora_rank": 0}) == "config.unipelt.lora_rank must be a positive integer, got 0."
+  assert error("unipelt", **{"unipelt.parts": "lora,prompt"}) == (
+      "config.unipelt.parts='lora,prompt' is not valid; list some of ['lora', 'adapter', 'prefix'] (separated by "
+      "commas, each once).")
+  unipelt_cfg = methods.method_config(tiny_config(tmp_path, "unipelt", **{"unipelt.parts": "adapter,prefix"}), "gpt2")
+  assert unipelt_cfg.lora is None and unipelt_cfg.adapter.reduction_factor == 4.0
+  assert (unipelt_cfg.prefix.num_virtual_tokens, unipelt_cfg.prefix.encoder_hidden_size) == (4, 16)
   config = tiny_config(tmp_path, "houlsby")
   config.adapter.reduction = 4.0
   with pytest.raises(ValueError, match=r"config\.adapter has the unknown key 'reduction'; valid: \['reduction_factor'"):

@@ -8,6 +8,11 @@ Each method reads its own config section (`METHODS`: method -> (section, builder
   houlsby, pfeiffer, parallel  config.adapter (bottleneck adapters; keys left out keep the preset's defaults)
   prompt_tuning, p_tuning,   config.prompt (num_virtual_tokens, init / init_text, encoder_type /
   prefix_tuning, p_tuning_v2   encoder_hidden_size / encoder_num_layers, projection; keys left out keep the defaults)
+  mam                        config.mam (prefix tuning + a scaled parallel FFN adapter: prefix_length, prefix_hidden,
+                               reduction_factor, scaling)
+  unipelt                    config.unipelt (gated LoRA + Pfeiffer adapter + prefix tuning: parts, lora_rank,
+                               lora_targets, reduction_factor, prefix_length, prefix_hidden; keys left out keep the
+                               defaults)
   full                       nothing: every parameter trains
 config.modules_to_save (names separated by commas, e.g. "classifier,pooler") are trained in full next to any
 method, as Hugging Face PEFT does for a new task head.
@@ -25,8 +30,8 @@ import numpy as np
 
 import peftjax as pj
 from peftjax import api, distributed
-from peftjax.methods import (adalora, bitfit, bottleneck_adapter, dora, ia3, modules_to_save, p_tuning,
-                             prefix_tuning, prompt_tuning)
+from peftjax.methods import (adalora, bitfit, bottleneck_adapter, dora, ia3, mam, modules_to_save, p_tuning,
+                             prefix_tuning, prompt_tuning, unipelt)
 
 # The keys each new section may hold (those the methods reading it use).
 SECTION_KEYS = {
@@ -35,7 +40,16 @@ SECTION_KEYS = {
     "adapter": ("reduction_factor", "non_linearity", "scaling", "dropout", "init_weights"),
     "prompt": ("num_virtual_tokens", "init", "init_text", "encoder_type", "encoder_hidden_size", "encoder_num_layers",
                "projection"),
+    "mam": ("prefix_length", "prefix_hidden", "reduction_factor", "scaling"),
+    "unipelt": ("parts", "lora_rank", "lora_targets", "reduction_factor", "prefix_length", "prefix_hidden"),
 }
+# UniPELT's parts -> {config.unipelt key: the field of that part's config (UniPeltConfig.<part>) it sets}.
+UNIPELT_PARTS = {"lora": {"lora_rank": "rank", "lora_targets": "targets"},
+                 "adapter": {"reduction_factor": "reduction_factor"},
+                 "prefix": {"prefix_length": "num_virtual_tokens", "prefix_hidden": "encoder_hidden_size"}}
+# MAM's config keys whose method field has another name.
+MAM_RENAMES = {"PrefixTuningConfig.num_virtual_tokens": "prefix_length",
+               "PrefixTuningConfig.encoder_hidden_size": "prefix_hidden"}
 ADAPTER_PRESETS = {"houlsby": bottleneck_adapter.HoulsbyConfig, "pfeiffer": bottleneck_adapter.PfeifferConfig,
                    "parallel": bottleneck_adapter.ParallelConfig}
 # Methods whose virtual tokens are input positions (prefix tuning adds keys and values instead).
@@ -50,13 +64,16 @@ def names_or_regex(value: str) -> str | tuple[str, ...]:
   return value
 
 
-def _build(cls: type, section: str, **kwargs) -> Any:
-  """cls(**kwargs), with a bad value's error naming the config key (config.<section>.<key>) instead of the field."""
+def _build(make: Callable[..., Any], section: str, *args, renames: dict[str, str] | None = None, **kwargs) -> Any:
+  """make(*args, **kwargs), with a bad value's error naming the config key (config.<section>.<key>) instead of the
+  method config's field; `renames` maps "<Config class>.<field>" to the key where the names differ."""
   try:
-    return cls(**kwargs)
+    return make(*args, **kwargs)
   except ValueError as e:
-    message = str(e).replace(f"{cls.__name__}.total_step", "config.steps").replace("total_step", "config.steps")
-    raise ValueError(message.replace(f"{cls.__name__}.", f"config.{section}.")) from None
+    message = str(e).replace("AdaLoraConfig.total_step", "config.steps").replace("total_step", "config.steps")
+    for field, key in (renames or {}).items():
+      message = message.replace(field, f"config.{section}.{key}")
+    raise ValueError(re.sub(r"\b[A-Z]\w*Config\.", f"config.{section}.", message)) from None
 
 
 def _settings(config: ml_collections.ConfigDict, section: str, keys: tuple[str, ...]) -> dict:
@@ -124,12 +141,36 @@ def _prefix_tuning(config, model_type, tokenizer_path):
   return _build(cls, "prompt", **_hidden_size(_settings(config, "prompt", keys)))
 
 
+def _mam(config, model_type, tokenizer_path):
+  return _build(mam.mam_config, "mam", renames=MAM_RENAMES, **_settings(config, "mam", SECTION_KEYS["mam"]))
+
+
+def _unipelt(config, model_type, tokenizer_path):
+  settings = _settings(config, "unipelt", SECTION_KEYS["unipelt"])
+  parts = settings.pop("parts", ",".join(UNIPELT_PARTS))
+  chosen = parts.split(",")
+  if not set(chosen) <= set(UNIPELT_PARTS) or len(set(chosen)) != len(chosen):
+    raise ValueError(f"config.unipelt.parts={parts!r} is not valid; list some of {list(UNIPELT_PARTS)} (separated by "
+                     "commas, each once).")
+  if "lora_targets" in settings:
+    settings["lora_targets"] = names_or_regex(settings["lora_targets"])
+  defaults = unipelt.UniPeltConfig()
+  built = {}
+  for part, keys in UNIPELT_PARTS.items():
+    default = getattr(defaults, part)
+    fields = {field: settings[key] for key, field in keys.items() if key in settings}
+    renames = {f"{type(default).__name__}.{field}": key for key, field in keys.items()}
+    built[part] = _build(dataclasses.replace, "unipelt", default, renames=renames, **fields) if part in chosen else None
+  return unipelt.UniPeltConfig(**built)
+
+
 # config.method -> (the config section it reads or None, builder(config, model_type, tokenizer path) -> method config).
 METHODS: dict[str, tuple[str | None, Callable[..., Any] | None]] = {
     "lora": ("lora", _lora), "dora": ("lora", _lora), "adalora": ("adalora", _adalora), "ia3": ("ia3", _ia3),
     "bitfit": ("bitfit", _bitfit), "houlsby": ("adapter", _adapter), "pfeiffer": ("adapter", _adapter),
     "parallel": ("adapter", _adapter), "prompt_tuning": ("prompt", _prompt_tuning), "p_tuning": ("prompt", _p_tuning),
-    "prefix_tuning": ("prompt", _prefix_tuning), "p_tuning_v2": ("prompt", _prefix_tuning), "full": (None, None),
+    "prefix_tuning": ("prompt", _prefix_tuning), "p_tuning_v2": ("prompt", _prefix_tuning), "mam": ("mam", _mam),
+    "unipelt": ("unipelt", _unipelt), "full": (None, None),
 }
 
 
@@ -147,7 +188,8 @@ def check(config: ml_collections.ConfigDict) -> None:
 
 
 def method_config(config: ml_collections.ConfigDict, model_type: str, tokenizer_path: str = "") -> Any:
-  """The method config(s) for `config` (a list when modules_to_save are added); None for full fine-tuning.
+  """The method config(s) for `config` (a list for MAM and when modules_to_save are added); None for full
+  fine-tuning.
 
   `tokenizer_path` (the model's tokenizer folder or hub id) is what prompt tuning's "text" init tokenises with.
   """
@@ -156,7 +198,9 @@ def method_config(config: ml_collections.ConfigDict, model_type: str, tokenizer_
     return None
   cfg = METHODS[config.method][1](config, model_type, tokenizer_path)
   saved = _saved(config)
-  return [cfg, modules_to_save.ModulesToSaveConfig(saved)] if saved and config.method != "bitfit" else cfg
+  if not saved or config.method == "bitfit":
+    return cfg
+  return [*_configs(cfg), modules_to_save.ModulesToSaveConfig(saved)]
 
 
 def _configs(method_cfg: Any) -> list:

@@ -148,7 +148,7 @@ def _prefix_gate_interceptor(next_fun, args, kwargs, context):
     x = module.layer_norm(x)  # T5's attention reads the normalised stream
   g = gate(module, PREFIX_GATES, "prefix_gate", x)[:, :, None]  # (batch, 1, 1, 2) against (batch, k, heads, dim)
   keys, values = bound.arguments["prefix_kv"]
-  bound.arguments["prefix_kv"] = (keys * g[..., 0].astype(keys.dtype), values * g[..., 1].astype(values.dtype))
+  bound.arguments["prefix_kv"] = (keys * g[..., :1].astype(keys.dtype), values * g[..., 1:].astype(values.dtype))
   return next_fun(*bound.args[1:], **bound.kwargs)
 
 
