@@ -158,7 +158,13 @@ def adapter_shardings(adapters: Any, params_shardings: Any) -> Any:
   flat_base = ptree.flatten(params_shardings)
   mesh = next(iter(flat_base.values())).mesh
   base = {p: s.spec for p, s in flat_base.items()}
-  return ptree.unflatten({p: NamedSharding(mesh, adapter_spec(p, np.ndim(x), base))
+  roots = {p.split("/")[0] for p in base}
+
+  def in_base(path: str) -> str:
+    """The path from the parameters' root: a method may nest sub-trees under its own names (UniPELT: lora/...)."""
+    parts = path.split("/")
+    return "/".join(parts[next((i for i, part in enumerate(parts) if part in roots), 0):])
+  return ptree.unflatten({p: NamedSharding(mesh, adapter_spec(in_base(p), np.ndim(x), base))
                           for p, x in ptree.flatten(adapters).items()})
 
 

@@ -96,6 +96,11 @@ def test_real_model_trees_get_shardings():
   opt = sharding.opt_state_shardings(optax.adamw(1e-3), adapters[0], adapter_shardings[0])
   assert opt[0].mu["model"]["layers"]["self_attn"]["q_proj"]["lora_A"].spec == P(None, "fsdp", None)
   assert opt[0].count.spec == P()
+  # UniPELT nests its LoRA under "lora/": those leaves still follow the weights they adapt.
+  unipelt = pj.UniPeltConfig(lora=pj.LoraConfig(rank=2, targets=("q_proj",)), adapter=None, prefix=None)
+  nested = sharding.adapter_shardings(jax.eval_shape(lambda p: pj.init(unipelt, jax.random.key(2), p), params),
+                                      shardings)
+  assert nested["lora"]["model"]["layers"]["self_attn"]["q_proj"]["lora_A"].spec == P(None, "fsdp", None)
   for tree, arrays in [(shardings, params), (adapter_shardings, adapters)]:
     for s, x in zip(jax.tree.leaves(tree), jax.tree.leaves(arrays)):
       assert isinstance(s, NamedSharding) and len(s.spec) <= x.ndim
