@@ -1,10 +1,11 @@
 """`train.main` with every method beyond LoRA / DoRA / (IA)³ / BitFit: AdaLoRA (its rank budget and regulariser inside
 the step), bottleneck adapters, prompt tuning, P-tuning, prefix tuning, P-tuning v2 and the combinations MAM and UniPELT
-on a tiny GPT-2; the causal-LM
-loss of prompt tuning against Hugging Face PEFT's; every new config file end to end with tiny overrides; the errors."""
+on a tiny GPT-2, and their exported adapters; the causal-LM loss of prompt tuning against Hugging Face PEFT's; every
+new config file end to end with tiny overrides; the errors."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import jax
@@ -15,7 +16,7 @@ import pytest
 import torch
 import transformers
 
-from peftjax import checkpoint
+from peftjax import checkpoint, interop
 from peftjax import tree as ptree
 from peftjax.methods import adalora
 from peftjax.models import gpt2
@@ -40,6 +41,9 @@ SECTIONS = {"adalora": dict(init_r=4, target_r=2, alpha=8.0, targets="c_attn,c_f
 LEARNING_RATES = {"adalora": 3e-2, "houlsby": 3e-2, "pfeiffer": 3e-2, "parallel": 3e-2, "prompt_tuning": 0.1,
                   "p_tuning": 1e-2, "prefix_tuning": 1e-2, "p_tuning_v2": 0.1, "mam": 1e-2, "unipelt": 1e-2}
 MERGEABLE = ("adalora",)
+# Methods Hugging Face PEFT has: exported as a PEFT folder of this peft_type (the others as an Orbax tree).
+PEFT_TYPES = {"adalora": "ADALORA", "prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING",
+              "prefix_tuning": "PREFIX_TUNING", "p_tuning_v2": "PREFIX_TUNING"}
 
 
 def tiny_config(workdir, method: str, **overrides) -> ml_collections.ConfigDict:
@@ -73,15 +77,24 @@ def test_every_new_method_trains_and_exports(runs, method):
   trainable, frozen = result["state"]["trainable"], result["frozen"]
   assert 0 < ptree.count(trainable) < ptree.count(frozen) // 10
 
-  # The adapter (an Orbax tree of the trained leaves) reads back; only mergeable methods write a merged model.
-  restored = checkpoint.load_adapters(os.path.join(workdir, "adapter"), jax.tree.map(np.asarray, trainable))
-  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), restored, trainable)
+  # The adapter reads back: a PEFT folder (prompts folded, as PEFT saves them) computes the trained model's logits,
+  # an Orbax tree holds the trained leaves.  Only mergeable methods write a merged model.
+  ids = np.random.default_rng(1).integers(1000, 20000, (2, 10)).astype(np.int32)
+  batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
+  adapter = os.path.join(workdir, "adapter")
+  if method in PEFT_TYPES:
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+      assert json.load(f)["peft_type"] == PEFT_TYPES[method]
+    cfg, loaded = interop.load_adapter(adapter, jax.device_get(frozen))
+    np.testing.assert_allclose(steps.make_forward(result["model"], tasks.CausalLM, cfg)(loaded, frozen, batch),
+                               test_train_zoo.adapted_logits(result, batch), atol=1e-4, rtol=0)
+  else:
+    restored = checkpoint.load_adapters(adapter, jax.tree.map(np.asarray, trainable))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, np.asarray(b)), restored, trainable)
   assert os.path.isdir(os.path.join(workdir, "base"))
   assert os.path.isdir(os.path.join(workdir, "merged")) == (method in MERGEABLE)
   if method in MERGEABLE:
     model, params = gpt2.from_pretrained(os.path.join(workdir, "merged"))
-    ids = np.random.default_rng(1).integers(1000, 20000, (2, 10)).astype(np.int32)
-    batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
     np.testing.assert_allclose(model.apply({"params": params}, ids, batch["attention_mask"]),
                                test_train_zoo.adapted_logits(result, batch), atol=1e-4, rtol=0)
 
