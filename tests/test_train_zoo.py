@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 
+from peftjax import interop
 from peftjax import tree as ptree
 from peftjax.models import bert, gpt2
 
@@ -114,9 +116,14 @@ def test_every_method_trains_and_exports(tmp_path, method):
   batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
   np.testing.assert_allclose(model.apply({"params": params}, ids, batch["attention_mask"]),
                              adapted_logits(result, batch), atol=1e-4, rtol=0)
+  # Methods Hugging Face PEFT has export a PEFT folder that reads back to the same logits; BitFit an Orbax tree.
   adapter = tmp_path / "adapter"
-  assert os.path.exists(adapter / "adapter_config.json") == (method in ("lora", "dora"))
+  assert os.path.exists(adapter / "adapter_config.json") == (method in ("lora", "dora", "ia3"))
   assert os.path.isdir(adapter) == (method != "full")
+  if method in ("lora", "dora", "ia3"):
+    cfg, loaded = interop.load_adapter(str(adapter), jax.device_get(frozen))
+    np.testing.assert_allclose(steps.make_forward(result["model"], tasks.CausalLM, cfg)(loaded, frozen, batch),
+                               adapted_logits(result, batch), atol=1e-4, rtol=0)
 
 
 def test_bad_method_settings_give_one_clear_sentence(tmp_path):
