@@ -15,6 +15,8 @@ Any field can be overridden, e.g. `--config.method=ia3`, `--config.lora.targets=
 
 import ml_collections
 
+from train import loop
+
 
 def get_config() -> ml_collections.ConfigDict:
   """The default run: LoRA (q_proj, v_proj) on SmolLM2-135M for IMDB reviews, a few minutes on 2 CPU cores."""
@@ -51,14 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.workdir = "workdir/lora_llama"
   config.seed = 0
 
-  # Scale: the same run on one CPU, several devices or processes, a GPU or a TPU pod (see peftjax/sharding.py).
-  config.scale = ml_collections.ConfigDict(dict(
-      mesh_shape=(1, -1, 1),       # devices per mesh axis (data, fsdp, tensor); -1 takes the rest: FSDP over all
-      logical_axis_rules=(),       # ((logical axis, mesh axis / tuple of them / None), ...); (): DEFAULT_RULES
-      micro_batches=1,             # gradient accumulation: batch_size splits into this many parts per update
-      frozen_dtype="float32",      # or "bfloat16": frozen base weights stored in bf16 (adapters stay float32)
-      remat=False,                 # recompute each layer's activations in the backward pass (less memory)
-      # Multi-process jobs (or the env vars PEFTJAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID; on a TPU pod
-      # PEFTJAX_DIST_INIT=1 finds the peers itself): "host:port" of process 0, process count, this process.
-      coordinator_address="", num_processes=0, process_id=-1))
+  # Scale: the same run on one CPU, several devices or processes, a GPU or a TPU pod: mesh shape, logical-axis
+  # rules, micro-batches, bf16 frozen weights, remat, multi-process (each documented in train/loop.py's
+  # SCALE_DEFAULTS), e.g. --config.scale.mesh_shape="(2,4,1)" --config.scale.micro_batches=4.
+  config.scale = loop.scale_config()
   return config

@@ -44,8 +44,15 @@ RANDOM_MODELS = ("", "random")
 ASSET = "asset:"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # config.scale settings and their defaults (a config file without a scale section runs on every device, FSDP).
-SCALE_DEFAULTS = dict(mesh_shape=(1, -1, 1), logical_axis_rules=(), micro_batches=1, frozen_dtype="float32",
-                      remat=False, coordinator_address="", num_processes=0, process_id=-1)
+SCALE_DEFAULTS = dict(
+    mesh_shape=(1, -1, 1),       # devices per mesh axis (data, fsdp, tensor); -1 takes the rest: FSDP over all
+    logical_axis_rules=(),       # ((logical axis, mesh axis / tuple of them / None), ...); (): DEFAULT_RULES
+    micro_batches=1,             # gradient accumulation: batch_size splits into this many parts per update
+    frozen_dtype="float32",      # or "bfloat16": frozen base weights stored in bf16 (adapters stay float32)
+    remat=False,                 # recompute each layer's activations in the backward pass (less memory)
+    # Multi-process jobs (or the env vars PEFTJAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID; on a TPU pod
+    # PEFTJAX_DIST_INIT=1 finds the peers itself): "host:port" of process 0, process count, this process.
+    coordinator_address="", num_processes=0, process_id=-1)
 
 
 def resolve(spec: str) -> str:
@@ -55,6 +62,11 @@ def resolve(spec: str) -> str:
     package, _, relative = spec[len(ASSET):].partition("/")
     return assets.asset_path(package, *filter(None, relative.split("/")))
   return spec if os.path.exists(spec) else hf_io.resolve(spec)
+
+
+def scale_config(**overrides) -> ml_collections.ConfigDict:
+  """A config.scale section: SCALE_DEFAULTS (documented there) with `overrides`."""
+  return ml_collections.ConfigDict({**SCALE_DEFAULTS, **overrides})
 
 
 def scale_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
