@@ -8,7 +8,10 @@ import os
 import jax
 import ml_collections
 import numpy as np
+import peft
 import pytest
+import torch
+import transformers
 
 from peftjax import interop
 from peftjax import tree as ptree
@@ -51,7 +54,17 @@ def test_bert_sentiment_config_learns_above_chance(tmp_path):
   batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": np.zeros(2, np.int32)}
   np.testing.assert_allclose(model.apply({"params": params}, ids, batch["attention_mask"]),
                              adapted_logits(result, batch), atol=1e-5, rtol=0)
-  assert os.path.isdir(tmp_path / "adapter") and os.path.exists(tmp_path / "merged" / "tokenizer.json")
+  assert os.path.exists(tmp_path / "merged" / "tokenizer.json")
+
+  # The adapter is a Hugging Face PEFT folder: PyTorch loads the base it names plus the adapter (LoRA and the trained
+  # classifier and pooler) and computes the same logits.
+  with open(tmp_path / "adapter" / "adapter_config.json") as f:
+    base = json.load(f)["base_model_name_or_path"]
+  torch_model = transformers.BertForSequenceClassification.from_pretrained(base, num_labels=2)
+  peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "adapter")).eval()
+  with torch.no_grad():
+    theirs = peft_model(input_ids=torch.tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long)).logits
+  np.testing.assert_allclose(theirs.numpy(), adapted_logits(result, batch), atol=1e-4, rtol=0)
 
 
 def test_bert_sentiment_long_settings():

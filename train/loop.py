@@ -258,7 +258,7 @@ def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config
   written = []
   if method_cfg is not None:
     written.append("adapter")
-    base_name = config.model
+    base_name = resolve(config.model) if config.model.startswith(ASSET) else config.model  # a path PEFT can open
     if config.model in RANDOM_MODELS:
       base_name = f"{workdir}/base"
       written.append("base")
