@@ -142,6 +142,24 @@ def test_unipelt_gates_open_half_and_closed(zoo, kind):
   assert _max_diff(closed, base) > 1e-3  # zero keys and values still take attention weight
 
 
+@pytest.mark.parametrize("kind", ["bert", "llama"])
+def test_unipelt_gates_are_per_example(zoo, kind):
+  """With random gates each example gets its own gate values: two rows together (a batch size other than K and the
+  head count) give what each row gives alone."""
+  model, params = zoo(kind)
+  batch = {name: value[:2] for name, value in _batch(kind).items()}
+  cfg = _unipelt(kind)
+  tree = pj.init(cfg, jax.random.key(0), params)
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  tree = jax.tree.unflatten(treedef, [v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)])
+  adapted = pj.apply(cfg, model.apply)
+  together = adapted(params, tree, **batch)
+  for row in range(2):
+    alone = adapted(params, tree, **{name: value[row:row + 1] for name, value in batch.items()})
+    assert _max_diff(together[row:row + 1], alone) < 1e-5
+
+
 def test_unipelt_on_layer_stacked_gpt2(zoo):
   """A scanned GPT-2 with the stacked tree (random gates, so each example gets its own gate values) gives the
   unrolled model's outputs; init on the stacked parameters gives the stacked tree's shapes."""
