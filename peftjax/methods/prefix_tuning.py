@@ -18,8 +18,9 @@ them in the decoder's self-attention only; ("encoder", "decoder") also in the en
 then holds the encoder's layers first).  The decoder part follows PEFT's layout exactly: PEFT doubles
 the table for encoder-decoders and hands block i four consecutive key/value blocks of which transformers
 uses the first pair (the cross-attention pair is dropped), so decoder block i of L reads pair 2i mod L
-and, for even L, the odd pairs are never used (they still count as parameters, as in PEFT).  Generation works through the models' `generate` with
-`apply_fn`; the prefixes go to every `decode` / `decode_step` call, not into the cache.
+and, for even L, the odd pairs are never used (they still count as parameters, as in PEFT).  Generation
+works through the models' `generate` with `apply_fn`; the prefixes go to every `decode` / `decode_step`
+call, not into the cache.
 
 The adapter tree: ``{"embedding": (k, width), "transform": {"0": {kernel, bias}, "2": {...}}}`` with
 projection, ``{"embedding": (k, layers * 2 * width)}`` without (PEFT's ``prompt_encoder.embedding``).
