@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from peftjax import tree as ptree
 from peftjax.models import hf_io
+from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
 _ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
@@ -440,17 +441,6 @@ class BertForTokenClassification(nn.Module):
 
 
 ARCHITECTURES = {cls.__name__: cls for cls in (BertModel, BertForSequenceClassification, BertForTokenClassification)}
-
-
-def init_params(model: nn.Module, rng: jax.Array) -> dict:
-  """Randomly initialised parameters (unboxed) of `model`."""
-  return nn.unbox(model.init(rng, jnp.ones((1, 1), jnp.int32))["params"])
-
-
-def logical_axes(model: nn.Module) -> dict:
-  """Tree of logical-axis PartitionSpecs with the structure of the parameters."""
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))
-  return nn.get_partition_spec(abstract["params"])
 
 
 LAYER_LIST = r"(?:.+/)?encoder/layer"  # the path of the layer list: stack_layers / unstack_layers

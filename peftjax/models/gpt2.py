@@ -30,6 +30,7 @@ import numpy as np
 
 from peftjax import tree as ptree
 from peftjax.models import hf_io, sampling
+from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
 _ACTIVATIONS = {
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
@@ -304,17 +305,6 @@ class GPT2LMHeadModel(nn.Module):
     hidden, cache = self._hidden(input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, cache,
                                  cache_index, True)
     return self.logits(hidden[:, -1]), cache
-
-
-def init_params(model: GPT2LMHeadModel, rng: jax.Array) -> dict:
-  """Randomly initialised parameters (unboxed) of `model`."""
-  return nn.unbox(model.init(rng, jnp.ones((1, 1), jnp.int32))["params"])
-
-
-def logical_axes(model: GPT2LMHeadModel) -> dict:
-  """Tree of logical-axis PartitionSpecs with the structure of the parameters."""
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))
-  return nn.get_partition_spec(abstract["params"])
 
 
 def init_cache(config: GPT2Config, batch: int, length: int, dtype=jnp.float32) -> dict:

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import tree as ptree
-from peftjax.models import gguf, hf_io, sampling
+from peftjax.models import gguf, hf_io, layers, sampling
+from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -228,22 +229,6 @@ def _dense(features: int, axes: tuple[str, str], config: LlamaConfig, use_bias: 
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
 
-class LlamaRMSNorm(nn.Module):
-  """x / sqrt(mean(x^2) + eps) * scale, statistics in float32."""
-
-  epsilon: float
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-    return scale.astype(self.dtype) * y.astype(self.dtype)
-
-
 class LlamaAttention(nn.Module):
   """Grouped-query self-attention with rotary positions; query head h reads key/value head h // group."""
 
@@ -321,11 +306,11 @@ class LlamaDecoderLayer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     full, windowed = masks
     mask = full if windowed is None else jnp.where(sliding, windowed, full)
-    h = LlamaRMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
+    h = layers.RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
     h, cache = LlamaAttention(c, name="self_attn", **kw)(h, *rope, mask, prefix_kv, cache, cache_index,
                                                          deterministic)
     x = x + h
-    h = LlamaMLP(c, name="mlp", **kw)(LlamaRMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
+    h = LlamaMLP(c, name="mlp", **kw)(layers.RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
     return x + h, cache
 
 
@@ -353,7 +338,7 @@ class LlamaModel(nn.Module):
       self.layers = layer(c, name="layers", **kw)
     else:
       self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
-    self.norm = LlamaRMSNorm(c.rms_norm_eps, name="norm", **kw)
+    self.norm = layers.RMSNorm(c.rms_norm_eps, name="norm", **kw)
 
   def __call__(self, embeddings, position_ids, masks, prefix_kv, cache, cache_index, deterministic: bool):
     """Final hidden states (batch, length, hidden) and the updated cache (None without one)."""
@@ -454,17 +439,6 @@ class LlamaForCausalLM(nn.Module):
     hidden, cache = self._hidden(input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, cache,
                                  cache_index, True)
     return self.logits(hidden[:, -1]), cache
-
-
-def init_params(model: LlamaForCausalLM, rng: jax.Array) -> dict:
-  """Randomly initialised parameters (unboxed) of `model`."""
-  return nn.unbox(model.init(rng, jnp.ones((1, 1), jnp.int32))["params"])
-
-
-def logical_axes(model: LlamaForCausalLM) -> dict:
-  """Tree of logical-axis PartitionSpecs with the structure of the parameters."""
-  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((1, 1), jnp.int32))
-  return nn.get_partition_spec(abstract["params"])
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> dict:

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.models import hf_io, sampling
+from peftjax.models import hf_io, layers, sampling
 
 _ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -135,22 +135,6 @@ def relative_position_bucket(relative_position: jax.Array, bidirectional: bool, 
   return buckets + jnp.where(distance < max_exact, distance, large)
 
 
-class T5LayerNorm(nn.Module):
-  """RMS norm: x / sqrt(mean(x^2) + eps) * scale, statistics in float32."""
-
-  epsilon: float
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
-    return y.astype(self.dtype) * scale.astype(self.dtype)
-
-
 class T5Attention(nn.Module):
   """Multi-head attention without query scaling; optionally owns the relative position bias table."""
 
@@ -210,7 +194,7 @@ class T5LayerSelfAttention(nn.Module):
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.SelfAttention = T5Attention(self.config, self.has_relative_attention_bias, not self.is_decoder, **kw)
-    self.layer_norm = T5LayerNorm(self.config.layer_norm_epsilon, **kw)
+    self.layer_norm = layers.RMSNorm(self.config.layer_norm_epsilon, **kw)
     self.dropout = nn.Dropout(self.config.dropout_rate)
 
   def __call__(self, x, mask, position_bias, deterministic: bool, cache=None, position=None, prefix_kv=None):
@@ -239,7 +223,7 @@ class T5LayerCrossAttention(nn.Module):
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.EncDecAttention = T5Attention(self.config, **kw)
-    self.layer_norm = T5LayerNorm(self.config.layer_norm_epsilon, **kw)
+    self.layer_norm = layers.RMSNorm(self.config.layer_norm_epsilon, **kw)
     self.dropout = nn.Dropout(self.config.dropout_rate)
 
   def __call__(self, x, key_value, mask, deterministic: bool):
@@ -276,7 +260,7 @@ class T5LayerFF(nn.Module):
   @nn.compact
   def __call__(self, x, deterministic: bool):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = T5LayerNorm(self.config.layer_norm_epsilon, name="layer_norm", **kw)(x)
+    h = layers.RMSNorm(self.config.layer_norm_epsilon, name="layer_norm", **kw)(x)
     h = T5DenseReluDense(self.config, name="DenseReluDense", **kw)(h, deterministic)
     return x + nn.Dropout(self.config.dropout_rate)(h, deterministic=deterministic)
 
@@ -292,10 +276,10 @@ class T5Block(nn.Module):
 
   def setup(self):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    layers = [T5LayerSelfAttention(self.config, self.has_relative_attention_bias, self.is_decoder, **kw)]
+    sublayers = [T5LayerSelfAttention(self.config, self.has_relative_attention_bias, self.is_decoder, **kw)]
     if self.is_decoder:
-      layers.append(T5LayerCrossAttention(self.config, **kw))
-    self.layer = layers + [T5LayerFF(self.config, **kw)]
+      sublayers.append(T5LayerCrossAttention(self.config, **kw))
+    self.layer = sublayers + [T5LayerFF(self.config, **kw)]
 
   def __call__(self, x, mask, position_bias, deterministic: bool, cross_key_value=None, cross_mask=None,
                cache=None, position=None, prefix_kv=None):
@@ -323,7 +307,7 @@ class T5Stack(nn.Module):
     depth = c.num_decoder_layers if self.is_decoder else c.num_layers
     block = nn.remat(T5Block, static_argnums=(4,)) if self.remat else T5Block  # self is 0: `deterministic` is 4
     self.block = [block(c, self.is_decoder, i == 0, **kw) for i in range(depth)]
-    self.final_layer_norm = T5LayerNorm(c.layer_norm_epsilon, **kw)
+    self.final_layer_norm = layers.RMSNorm(c.layer_norm_epsilon, **kw)
     self.dropout = nn.Dropout(c.dropout_rate)
 
   def cross_key_values(self, encoder_hidden_states):
@@ -458,12 +442,12 @@ def _dummy_inputs():
 
 def init_params(model: T5ForConditionalGeneration, rng: jax.Array) -> dict:
   """Randomly initialised parameters (unboxed) of `model`."""
-  return nn.unbox(model.init(rng, *_dummy_inputs())["params"])
+  return layers.init_params(model, rng, *_dummy_inputs())
 
 
 def logical_axes(model: T5ForConditionalGeneration) -> dict:
   """Tree of logical-axis PartitionSpecs with the structure of the parameters."""
-  return nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(0), *_dummy_inputs())["params"])
+  return layers.logical_axes(model, *_dummy_inputs())
 
 
 def shift_right(labels: jax.Array, decoder_start_token_id: int = 0, pad_token_id: int = 0) -> jax.Array:
