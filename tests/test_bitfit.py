@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,47 +13,15 @@ from peftjax import tree
 from peftjax.methods import bitfit
 from peftjax.models import gpt2, hf_io, t5
 
-
-class Block(nn.Module):
-  width: int
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.LayerNorm(name="norm")(x)
-    k = nn.Dense(self.width, use_bias=False, name="k")(h)
-    v = nn.Dense(self.width, name="v")(h)
-    x = x + nn.Dense(self.width, name="o")(nn.tanh(k) * v)
-    return x + nn.Dense(self.width, name="wo")(nn.relu(nn.Dense(2 * self.width, name="wi")(x)))
-
-
-class TinyModel(nn.Module):
-  width: int = 16
-  depth: int = 2
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Dense(self.width, name="embed")(x)
-    for i in range(self.depth):
-      x = Block(self.width, name=f"block_{i}")(x)
-    return nn.Dense(5, use_bias=False, name="lm_head")(x)
+from tiny_models import TinyModel, max_diff as _max_diff, perturbed  # tests/ is on sys.path under pytest
 
 
 @pytest.fixture(scope="module")
 def setup():
-  model = TinyModel()
+  model = TinyModel(depth=2, attention="k", general_wo=False, head_bias=False)
   x = jax.random.normal(jax.random.key(0), (2, 7, 6))
   params = model.init(jax.random.key(1), x)["params"]
   return model, params, x
-
-
-def perturbed(adapters, seed=3, scale=0.3):
-  leaves, treedef = jax.tree.flatten(adapters)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [l + scale * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
-
-
-def _max_diff(a, b) -> float:
-  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 
 def test_trains_only_biases(setup):

@@ -12,16 +12,7 @@ import peftjax as pj
 from peftjax import tree
 from peftjax.methods import bitfit, ia3, modules_to_save
 
-
-class Block(nn.Module):
-  width: int
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.LayerNorm(name="norm")(x)
-    x = x + nn.Dense(self.width, name="o")(nn.tanh(nn.Dense(self.width, use_bias=False, name="q")(h))
-                                           * nn.Dense(self.width, name="v")(h))
-    return x + nn.Dense(self.width, name="wo")(nn.relu(nn.Dense(2 * self.width, name="wi")(x)))
+from tiny_models import Block, max_diff as _max_diff, perturbed  # tests/ is on sys.path under pytest
 
 
 class Classifier(nn.Module):
@@ -33,7 +24,7 @@ class Classifier(nn.Module):
   def __call__(self, ids):
     x = nn.Embed(30, self.width, name="embed")(ids)
     for i in range(2):
-      x = Block(self.width, name=f"block_{i}")(x)
+      x = Block(self.width, general_wo=False, name=f"block_{i}")(x)
     return nn.Dense(3, name="classifier")(x.mean(axis=1))
 
 
@@ -43,16 +34,6 @@ def setup():
   ids = jnp.asarray(np.random.default_rng(0).integers(0, 30, (4, 7)))
   params = model.init(jax.random.key(1), ids)["params"]
   return model, params, ids
-
-
-def perturbed(adapters, seed=3, scale=0.3):
-  leaves, treedef = jax.tree.flatten(adapters)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(treedef, [l + scale * jax.random.normal(k, l.shape) for k, l in zip(keys, leaves)])
-
-
-def _max_diff(a, b) -> float:
-  return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
 
 
 def test_modules_to_save_matching(setup):

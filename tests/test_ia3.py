@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,47 +13,12 @@ from peftjax import tree
 from peftjax.methods import ia3, modules_to_save
 from peftjax.models import gpt2, t5
 
-
-class Block(nn.Module):
-  width: int
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.LayerNorm(name="norm")(x)
-    k = nn.Dense(self.width, use_bias=False, name="k")(h)
-    v = nn.Dense(self.width, name="v")(h)
-    x = x + nn.Dense(self.width, name="o")(nn.tanh(k) * v)
-    return x + nn.DenseGeneral(self.width, name="wo")(nn.relu(nn.Dense(2 * self.width, name="wi")(x)))
-
-
-class TinyModel(nn.Module):
-  width: int = 16
-  depth: int = 3
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Dense(self.width, name="embed")(x)
-    for i in range(self.depth):
-      x = Block(self.width, name=f"block_{i}")(x)
-    return nn.Dense(5, name="lm_head")(x)
-
-
-class ScannedModel(nn.Module):
-  width: int = 16
-  depth: int = 3
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Dense(self.width, name="embed")(x)
-    layers = nn.scan(lambda block, carry, _: (block(carry), None), variable_axes={"params": 0, "ia3": 0},
-                     split_rngs={"params": True}, length=self.depth)
-    x, _ = layers(Block(self.width, name="layers"), x, None)
-    return nn.Dense(5, name="lm_head")(x)
+import tiny_models  # tests/ is on sys.path under pytest
 
 
 @pytest.fixture(scope="module")
 def setup():
-  model = TinyModel()
+  model = tiny_models.TinyModel(attention="k")
   x = jax.random.normal(jax.random.key(0), (2, 7, 6))
   params = model.init(jax.random.key(1), x)["params"]
   return model, params, x
@@ -144,7 +108,7 @@ def test_gradients_only_for_vectors(setup):
 
 
 def test_scanned_layers_stack_vectors_and_merge():
-  model = ScannedModel()
+  model = tiny_models.ScannedModel(attention="k", collection="ia3")
   x = jax.random.normal(jax.random.key(0), (2, 7, 6))
   params = model.init(jax.random.key(1), x)["params"]
   cfg = ia3.IA3Config(targets=("v", "wo"), feedforward=("wo",))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,42 +11,7 @@ import pytest
 import peftjax as pj
 from peftjax import interop, tree
 
-
-class Block(nn.Module):
-  width: int
-
-  @nn.compact
-  def __call__(self, x):
-    h = nn.LayerNorm(name="norm")(x)
-    q = nn.Dense(self.width, use_bias=False, name="q")(h)
-    v = nn.Dense(self.width, name="v")(h)
-    x = x + nn.Dense(self.width, name="o")(nn.tanh(q) * v)
-    return x + nn.DenseGeneral(self.width, name="wo")(nn.relu(nn.Dense(2 * self.width, name="wi")(x)))
-
-
-class TinyModel(nn.Module):
-  width: int = 16
-  depth: int = 3
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Dense(self.width, name="embed")(x)
-    for i in range(self.depth):
-      x = Block(self.width, name=f"block_{i}")(x)
-    return nn.Dense(5, name="lm_head")(x)
-
-
-class ScannedModel(nn.Module):
-  width: int = 16
-  depth: int = 3
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.Dense(self.width, name="embed")(x)
-    layers = nn.scan(lambda block, carry, _: (block(carry), None), variable_axes={"params": 0, "lora": 0},
-                     split_rngs={"params": True}, length=self.depth)
-    x, _ = layers(Block(self.width, name="layers"), x, None)
-    return nn.Dense(5, name="lm_head")(x)
+from tiny_models import ScannedModel, TinyModel  # tests/ is on sys.path under pytest
 
 
 @pytest.fixture(scope="module")
