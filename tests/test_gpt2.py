@@ -17,6 +17,8 @@ import peftjax as pj
 from peftjax import models
 from peftjax.models import gpt2, hf_io
 
+from compare import assert_same_tokens  # tests/ is on sys.path under pytest
+
 VOCAB = 101
 TINY = dict(vocab_size=VOCAB, n_positions=48, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2)
 VARIANTS = {"gpt2": dict(),  # gelu_new, n_inner 4 * n_embd, head tied to wte
@@ -146,7 +148,7 @@ def test_greedy_generation_matches_transformers(checkpoints, left_padded, varian
   ours = np.asarray(gpt2.generate(model, params, left_padded["input_ids"], left_padded["attention_mask"],
                                   max_new_tokens=16, pad_token_id=0, **no_eos))
   assert ours.shape == (3, 16) and len(np.unique(ours)) > 4  # not a trivial repetition
-  np.testing.assert_array_equal(ours, _torch_generate(torch_model, left_padded, 0, **no_eos))
+  assert_same_tokens(ours, _torch_generate(torch_model, left_padded, 0, **no_eos), "ours vs transformers generate")
   # unpadded single prompt: the left padding did not change the first row
   alone = gpt2.generate(model, params, left_padded["input_ids"][:1], max_new_tokens=16, pad_token_id=0, **no_eos)
   np.testing.assert_array_equal(np.asarray(alone), ours[:1])
@@ -156,7 +158,8 @@ def test_greedy_generation_matches_transformers(checkpoints, left_padded, varian
   eos = int(ours[0, step])
   stopped = np.asarray(gpt2.generate(model, params, left_padded["input_ids"], left_padded["attention_mask"],
                                      max_new_tokens=16, eos_token_id=eos, pad_token_id=0))
-  np.testing.assert_array_equal(stopped, _torch_generate(torch_model, left_padded, 0, eos_token_id=eos))
+  assert_same_tokens(stopped, _torch_generate(torch_model, left_padded, 0, eos_token_id=eos),
+                     "ours vs transformers generate")
   np.testing.assert_array_equal(stopped[0, :step + 1], ours[0, :step + 1])
   assert (stopped[0, step + 1:] == 0).all()
 

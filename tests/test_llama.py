@@ -20,6 +20,8 @@ import peftjax as pj
 from peftjax import assets, models
 from peftjax.models import gguf, hf_io, llama
 
+from compare import assert_same_tokens  # tests/ is on sys.path under pytest
+
 VOCAB = 96
 TINY = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
@@ -160,7 +162,7 @@ def test_greedy_generation_matches_transformers(checkpoints, variant):
   model, params = llama.from_pretrained(checkpoints[variant])
   ours = _greedy(model, params)
   assert ours.shape == (3, 16) and len(np.unique(ours)) > 4
-  np.testing.assert_array_equal(ours, _torch_generate(torch_model, LEFT, 0, eos_token_id=2))
+  assert_same_tokens(ours, _torch_generate(torch_model, LEFT, 0, eos_token_id=2), "ours vs transformers generate")
 
 
 def test_generation_padding_eos_and_sampling(checkpoints):
@@ -172,7 +174,7 @@ def test_generation_padding_eos_and_sampling(checkpoints):
   step = next(i for i in range(2, 16) if greedy[0, i] not in greedy[0, :i])
   eos = int(greedy[0, step])  # a token the model emits mid-sequence becomes EOS: afterwards only pad, like HF
   stopped = _greedy(model, params, eos_token_id=eos)
-  np.testing.assert_array_equal(stopped, _torch_generate(torch_model, LEFT, 0, eos_token_id=eos))
+  assert_same_tokens(stopped, _torch_generate(torch_model, LEFT, 0, eos_token_id=eos), "ours vs transformers generate")
   np.testing.assert_array_equal(stopped[0, :step + 1], greedy[0, :step + 1])
   assert (stopped[0, step + 1:] == 0).all()
   with pytest.raises(ValueError, match="needs rng"):

@@ -20,6 +20,8 @@ from peftjax import tree as ptree
 from peftjax.methods import p_tuning, prefix_tuning, prompt_tuning
 from peftjax.models import gpt2, llama, t5
 
+from compare import assert_same_tokens  # tests/ is on sys.path under pytest
+
 K = 4  # virtual tokens
 # kind -> (transformers class, config, peft task type)
 KINDS = {
@@ -232,16 +234,18 @@ def test_decoder_generation_with_cache_matches_no_cache_and_peft(checkpoints, ki
 
   tokens = generate(batch["input_ids"], batch["attention_mask"])
   full = jax.jit(lambda ids, mask, positions: adapted(params, adapters, ids, mask, positions))
-  assert np.array_equal(tokens, _greedy_without_cache(full, batch["input_ids"], batch["attention_mask"], 5))
+  assert_same_tokens(tokens, _greedy_without_cache(full, batch["input_ids"], batch["attention_mask"], 5),
+                     "cached vs uncached greedy tokens")
   assert not np.array_equal(tokens, generate(batch["input_ids"], batch["attention_mask"], params, None))
   alone = batch["attention_mask"][2].astype(bool)
-  assert np.array_equal(tokens[2:], generate(batch["input_ids"][2:, alone], batch["attention_mask"][2:, alone]))
+  assert_same_tokens(tokens[2:], generate(batch["input_ids"][2:, alone], batch["attention_mask"][2:, alone]),
+                     "padded vs unpadded row 2")
   torch_model = _peft_model(kind, cfg, adapters)
   unpadded = np.random.default_rng(5).integers(3, KINDS[kind][1].vocab_size, (2, 6))
   with torch.no_grad():
     theirs = torch_model.generate(input_ids=torch.tensor(unpadded), attention_mask=torch.ones(2, 6, dtype=torch.long),
                                   max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0).numpy()
-  assert np.array_equal(generate(unpadded, np.ones_like(unpadded)), theirs[:, -5:])
+  assert_same_tokens(generate(unpadded, np.ones_like(unpadded)), theirs[:, -5:], "ours vs peft generate")
 
 
 @pytest.mark.parametrize("method", ["p_lstm", "prefix"])
@@ -257,13 +261,13 @@ def test_t5_generation_matches_peft_and_no_cache(checkpoints, method):
   full = jax.jit(lambda d: adapted(params, adapters, batch["input_ids"], batch["attention_mask"], d))
   for _ in range(5):
     decoder_ids = np.concatenate([decoder_ids, np.argmax(np.asarray(full(decoder_ids))[:, -1], -1)[:, None]], 1)
-  assert np.array_equal(tokens, decoder_ids[:, 1:])
+  assert_same_tokens(tokens, decoder_ids[:, 1:], "cached vs uncached greedy tokens")
   torch_model = _peft_model("t5", cfg, adapters)
   with torch.no_grad():
     theirs = torch_model.generate(input_ids=torch.tensor(batch["input_ids"]),
                                   attention_mask=torch.tensor(batch["attention_mask"]), max_new_tokens=5,
                                   do_sample=False, eos_token_id=None, min_new_tokens=5).numpy()
-  assert np.array_equal(tokens, theirs[:, 1:])
+  assert_same_tokens(tokens, theirs[:, 1:], "ours vs peft generate")
 
 
 @pytest.mark.parametrize("kind", ["bert_seq", "gpt2"])
@@ -314,7 +318,7 @@ def test_placeholder_generation_matches_no_cache(checkpoints):
   tokens = np.asarray(gpt2.generate(model, (params, adapters), ids, mask, max_new_tokens=4, eos_token_id=-1,
                                     apply_fn=lambda p, *a, **kw: adapted(p[0], p[1], *a, **kw)))
   full = jax.jit(lambda i, m, positions: adapted(params, adapters, i, m, positions))
-  assert np.array_equal(tokens, _greedy_without_cache(full, ids, mask, 4))
+  assert_same_tokens(tokens, _greedy_without_cache(full, ids, mask, 4), "cached vs uncached greedy tokens")
 
 
 def test_init_text_and_sample_vocab_match_peft(checkpoints, tmp_path):

@@ -21,6 +21,8 @@ from peftjax import models, tree
 from peftjax.methods import lora
 from peftjax.models import hf_io, t5
 
+from compare import assert_same_tokens  # tests/ is on sys.path under pytest
+
 VOCAB = 100
 TINY = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0)
 VARIANTS = {"v1.0": dict(feed_forward_proj="relu"),
@@ -145,7 +147,7 @@ def test_greedy_generation_matches_transformers(batch, variant, tmp_path):
   model, params = t5.from_pretrained(str(tmp_path))
   ours = np.asarray(t5.generate(model, params, batch["input_ids"], batch["attention_mask"], max_new_tokens=16))
   assert ours.shape == (3, 16)
-  np.testing.assert_array_equal(ours, _torch_generate(torch_model, batch))
+  assert_same_tokens(ours, _torch_generate(torch_model, batch), "ours vs transformers generate")
   assert ours[0, 0] != 1 and len(np.unique(ours)) > 3  # not a trivial all-EOS output
 
   # Stopping: make a token the model emits mid-sequence the EOS; afterwards only pad, like HF.
@@ -153,7 +155,7 @@ def test_greedy_generation_matches_transformers(batch, variant, tmp_path):
   eos = int(ours[0, step])
   stopped = np.asarray(t5.generate(model, params, batch["input_ids"], batch["attention_mask"], max_new_tokens=16,
                                    eos_token_id=eos))
-  np.testing.assert_array_equal(stopped, _torch_generate(torch_model, batch, eos_token_id=eos))
+  assert_same_tokens(stopped, _torch_generate(torch_model, batch, eos_token_id=eos), "ours vs transformers generate")
   np.testing.assert_array_equal(stopped[0, :step + 1], ours[0, :step + 1])
   assert (stopped[0, step + 1:] == 0).all()
 
@@ -311,4 +313,4 @@ def test_lora_matches_hf_peft(checkpoints, batch, variant):
   lora_tokens = t5.generate(model, (params, adapters), batch["input_ids"], batch["attention_mask"],
                             apply_fn=lambda p, *a, **kw: lora_apply(p[0], p[1], *a, **kw))
   np.testing.assert_array_equal(lora_tokens, merged_tokens)
-  np.testing.assert_array_equal(merged_tokens, _torch_generate(peft_model, batch))
+  assert_same_tokens(merged_tokens, _torch_generate(peft_model, batch), "ours vs transformers generate")
