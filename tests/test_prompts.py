@@ -1,5 +1,10 @@
 """The soft-prompt family (prompt tuning, P-tuning, prefix tuning, P-tuning v2) against HF peft on BERT, T5,
-GPT-2 and Llama: logits with the same prompt weights, trainable counts, generation, placement, training."""
+GPT-2 and Llama: logits with the same prompt weights, trainable counts, generation, placement, training.
+
+The reference is peft 0.21.2 on transformers 5.23.0 (constraints-test.txt). transformers 5.24.0 renamed the
+`past_key_values` argument to `cache` (deprecated alias): peft 0.21.2 then refuses prefix tuning / P-tuning v2
+on BERT and RoBERTa, and its cached generate for prompt tuning (GPT-2), P-tuning v2 (Llama) and prefix tuning
+(T5) gives other tokens than its own uncached forward, which ours still equals."""
 
 from __future__ import annotations
 
