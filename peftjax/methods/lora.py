@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax import tree as ptree
+from peftjax import dropout, tree as ptree
 
 COLLECTION = "lora"
 INITS = ("default", "gaussian", "pissa", "pissa_niter_N")
@@ -246,8 +246,7 @@ def adapter_input(cfg: LoraConfig, module: nn.Module, x: jax.Array) -> jax.Array
   """`x` with LoRA dropout applied when `dropout_active`."""
   if not dropout_active(cfg, module):
     return x
-  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.dropout, x.shape)
-  return jnp.where(keep, x / (1.0 - cfg.dropout), 0.0).astype(x.dtype)
+  return dropout.drop(x, cfg.dropout, module.make_rng("dropout"))
 
 
 def low_rank_path(cfg: LoraConfig, module: nn.Module, collection: str, x: jax.Array) -> jax.Array:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax import tree as ptree
+from peftjax.dropout import Dropout
 from peftjax.models import hf_io
 from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
@@ -163,7 +164,7 @@ class BertEmbeddings(nn.Module):
     self.token_type_embeddings = _embed(c.type_vocab_size, ("token_types", "embed"), c,
                                         name="token_type_embeddings", **kw)
     self.LayerNorm = _layer_norm(c, **kw)
-    self.dropout = nn.Dropout(c.hidden_dropout_prob)
+    self.dropout = Dropout(c.hidden_dropout_prob)
 
   def __call__(self, input_ids, token_type_ids, position_ids, inputs_embeds, deterministic: bool):
     embeddings = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
@@ -195,7 +196,7 @@ class BertSelfAttention(nn.Module):
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * c.head_dim ** -0.5
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+    probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, value.astype(self.dtype))
     return out.reshape(*out.shape[:2], c.hidden_size)
 
@@ -211,7 +212,7 @@ class BertSelfOutput(nn.Module):
   def __call__(self, h, residual, deterministic: bool):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense_layer(c.hidden_size, ("joined_kv", "embed"), c, name="dense", **kw)(h)
-    h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+    h = Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
     return _layer_norm(c, **kw)(h + residual)
 
 
@@ -240,7 +241,7 @@ class BertOutput(nn.Module):
   def __call__(self, h, residual, deterministic: bool):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense_layer(c.hidden_size, ("mlp", "embed"), c, name="dense", **kw)(h)
-    h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+    h = Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
     return _layer_norm(c, **kw)(h + residual)
 
 
@@ -396,7 +397,7 @@ def base_model(head: nn.Module, add_pooling_layer: bool) -> BertModel:
 def classifier(head: nn.Module, x, deterministic: bool, name: str = "classifier"):
   """dropout (classifier_dropout, else hidden_dropout_prob), then a Dense to num_labels."""
   c = head.config
-  x = nn.Dropout(c.classifier_dropout_rate)(x, deterministic=deterministic)
+  x = Dropout(c.classifier_dropout_rate)(x, deterministic=deterministic)
   return dense_layer(head.num_labels, ("embed", "classes"), c, name=name, dtype=head.dtype,
                 param_dtype=head.param_dtype)(x)
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import tree as ptree
+from peftjax.dropout import Dropout
 from peftjax.models import hf_io, sampling
 from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
@@ -126,8 +127,8 @@ class GPT2Attention(nn.Module):
     self.c_attn = _dense(3 * c.n_embd, ("embed", "joined_kv"), c.initializer_range, name="c_attn", **kw)
     self.c_proj = _dense(c.n_embd, ("joined_kv", "embed"), c.initializer_range / (2 * c.n_layer) ** 0.5,
                          name="c_proj", **kw)
-    self.attn_dropout = nn.Dropout(c.attn_pdrop)
-    self.resid_dropout = nn.Dropout(c.resid_pdrop)
+    self.attn_dropout = Dropout(c.attn_pdrop)
+    self.resid_dropout = Dropout(c.resid_pdrop)
 
   def __call__(self, x, layer_idx, mask, prefix_kv, cache, cache_index, deterministic: bool):
     """x (batch, q, n_embd); mask (batch, 1, q, keys) is True where attending is allowed.
@@ -168,7 +169,7 @@ class GPT2MLP(nn.Module):
     h = _ACTIVATIONS[c.activation_function](_dense(c.inner_dim, ("embed", "mlp"), c.initializer_range,
                                                    name="c_fc", **kw)(x))
     h = _dense(c.n_embd, ("mlp", "embed"), c.initializer_range / (2 * c.n_layer) ** 0.5, name="c_proj", **kw)(h)
-    return nn.Dropout(c.resid_pdrop)(h, deterministic=deterministic)
+    return Dropout(c.resid_pdrop)(h, deterministic=deterministic)
 
 
 class GPT2Block(nn.Module):
@@ -205,7 +206,7 @@ class GPT2Model(nn.Module):
     self.wte = nn.Embed(c.vocab_size, c.n_embd, embedding_init=_normal(std, ("vocab", "embed")), name="wte", **kw)
     self.wpe = nn.Embed(c.n_positions, c.n_embd, embedding_init=_normal(std, ("positions", "embed")), name="wpe",
                         **kw)
-    self.drop = nn.Dropout(c.embd_pdrop)
+    self.drop = Dropout(c.embd_pdrop)
     block = GPT2Block
     if self.remat:  # static_argnums counts self as 0: `deterministic` is argument 7
       block = nn.remat(block, static_argnums=(7,), prevent_cse=not self.scan_layers)

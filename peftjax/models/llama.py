@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import tree as ptree
+from peftjax.dropout import Dropout
 from peftjax.models import gguf, hf_io, layers, sampling
 from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
@@ -246,7 +247,7 @@ class LlamaAttention(nn.Module):
     self.v_proj = _dense(c.num_key_value_heads * c.head_dim, ("embed", "joined_kv"), use_bias=c.qkv_bias,
                          name="v_proj", **kw)
     self.o_proj = _dense(c.hidden_size, ("joined_kv", "embed"), use_bias=c.o_bias, name="o_proj", **kw)
-    self.dropout = nn.Dropout(c.attention_dropout)
+    self.dropout = Dropout(c.attention_dropout)
 
   def __call__(self, x, cos, sin, mask, prefix_kv, cache, cache_index, deterministic: bool):
     """x (batch, q, hidden); mask (batch, 1, q, keys) is True where attending is allowed.
