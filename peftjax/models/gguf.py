@@ -171,10 +171,34 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   return config, raw
 
 
+def _metadata(reader) -> dict:
+  """{key: value} of the file's general.* and tokenizer.* metadata (gguf-py's reader; no torch)."""
+  return {key: field.contents() for key, field in reader.fields.items()
+          if key.startswith(("general.", "tokenizer."))}
+
+
 def load_tokenizer(path: str):
-  """The transformers tokenizer stored in a GGUF file (or in the one .gguf of a folder)."""
-  from transformers import AutoTokenizer
+  """The transformers tokenizer stored in a GGUF file (or in the one .gguf of a folder).
+
+  The metadata is read with gguf-py and handed to transformers' GGUF tokenizer converter, so no torch is
+  needed (transformers' own GGUF reader imports it).
+  """
+  from gguf import GGUFReader
+  from transformers import PreTrainedTokenizerFast
+  from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
   file = find(path)
   if file is None:
     raise FileNotFoundError(f"{path!r} is neither a .gguf file nor a folder holding one.")
-  return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(file)), gguf_file=os.path.basename(file))
+  metadata = _metadata(GGUFReader(file))
+  grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
+                     if f"tokenizer.{key}" in metadata}
+             for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items()}
+  tokenizer, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+  if tokenizer.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to a sentencepiece vocabulary by default
+    tokenizer_config.setdefault("add_bos_token", True)
+  for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                    ("pad_token", "padding_token_id")):
+    token_id = metadata.get(f"tokenizer.ggml.{key}")
+    tokenizer_config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+  backend, extra = mapping.convert_gguf_tokenizer(metadata["general.architecture"], tokenizer)
+  return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=file, **tokenizer_config, **extra)
