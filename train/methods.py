@@ -196,7 +196,8 @@ def method_config(config: ml_collections.ConfigDict, model_type: str, tokenizer_
   check(config)
   if config.method == "full":
     return None
-  cfg = METHODS[config.method][1](config, model_type, tokenizer_path)
+  section, builder = METHODS[config.method]
+  cfg = _build(builder, section, config, model_type, tokenizer_path)
   saved = _saved(config)
   if not saved or config.method == "bitfit":
     return cfg

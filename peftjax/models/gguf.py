@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import types
 
 import numpy as np
 
@@ -175,6 +176,22 @@ def _metadata(reader) -> dict:
   """{key: value} of the file's general.* and tokenizer.* metadata (gguf-py's reader; no torch)."""
   return {key: field.contents() for key, field in reader.fields.items()
           if key.startswith(("general.", "tokenizer."))}
+
+
+def read_config(path: str) -> dict:
+  """The Hugging Face config dict of a GGUF file from its metadata and tensor shapes alone (no weights are read,
+  beyond the small rope_freqs table)."""
+  from gguf import GGUFReader
+  from gguf.quants import dequantize
+  reader = GGUFReader(path)
+  tensors = {}
+  for tensor in reader.tensors:
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    if tensor.name == _ROPE_FREQS:
+      tensors[_ROPE_FREQS] = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
+    else:
+      tensors[hf_name(tensor.name)] = types.SimpleNamespace(shape=shape)  # only its shape is looked at
+  return config_from_metadata(reader, tensors)
 
 
 def load_tokenizer(path: str):
