@@ -106,12 +106,17 @@ def abstract_model(config: ml_collections.ConfigDict, path: str | None):
   """(model, parameter shapes) of config.model at `path` (None: the random model): built from config.json or the
   GGUF metadata, with `jax.eval_shape` of the init (no weights read)."""
   family = tasks.FAMILIES[config.family]
+  def init(model):
+    return jax.eval_shape(functools.partial(family.module.init_params, model), jax.random.key(0))
+
   if path is None:
     try:
       model = family.random_model(config.model_shape.to_dict(), 2)
+      return model, init(model)
     except (TypeError, ValueError) as e:
-      raise ValueError(f"config.model_shape does not make a {config.family} model ({e}); its keys are Hugging Face "
-                       f"{family.config_cls.__name__} fields.") from None
+      reason = str(e).strip().splitlines()[0]
+      raise ValueError(f"config.model_shape does not make a {config.family} model ({reason}); its keys are Hugging "
+                       f"Face {family.config_cls.__name__} fields, sizes positive.") from None
   else:
     gguf_file = gguf.find(path) if config.family == "llama" else None
     hf_config = gguf.read_config(gguf_file) if gguf_file else _folder_config(path)
@@ -122,7 +127,7 @@ def abstract_model(config: ml_collections.ConfigDict, path: str | None):
                        f"config.family={config.family!r}; valid families for it: {fits}.")
     heads = {"num_labels": 2} if family.task is tasks.SequenceClassification else {}
     model = family.model_cls(family.config_cls.from_hf(hf_config), **heads)
-  return model, jax.eval_shape(functools.partial(family.module.init_params, model), jax.random.key(0))
+  return model, init(model)
 
 
 def _folder_config(path: str) -> dict:
