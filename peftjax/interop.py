@@ -44,6 +44,7 @@ ADAPTER_WEIGHTS = adapter_schema.ADAPTER_WEIGHTS
 AdapterFormatError = adapter_schema.AdapterFormatError
 PREFIX = "base_model.model."
 PROMPT_PREFIX = "base_model."  # PEFT's prompt-learning models hold the transformers model directly
+BASE_LAYER = "base_layer"  # PEFT's name for the wrapped base module of an adapted layer
 PEFT_TYPES = ("LORA", "ADALORA", "IA3", *interop_prompts.PEFT_TYPES)
 NoPeftFormatError = interop_prompts.NoPeftFormatError
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -92,6 +93,8 @@ def _lora_files(cfg: lora.LoraConfig, adapters: dict) -> tuple[dict, dict]:
       "target_modules": _target_modules(cfg, list(modules)), "use_rslora": cfg.use_rslora, "use_dora": use_dora,
       "bias": "none", "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern),
       "fan_in_fan_out": False, "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
+      "layers_to_transform": list(cfg.layers_to_transform) or None,
+      "layers_pattern": (cfg.layers_pattern[0] if len(cfg.layers_pattern) == 1 else list(cfg.layers_pattern)) or None,
   }
   return config, tensors
 
@@ -162,18 +165,25 @@ def _lora_from(folder: str, config: dict, tensors: dict[str, np.ndarray], params
   if config.get("bias", "none") != "none":
     raise AdapterFormatError(f"{folder!r}: adapter_config.json bias={config['bias']!r} is not supported; only "
                              "'none' is.")
+  if isinstance(config.get("exclude_modules"), str):
+    raise AdapterFormatError(f"{folder!r}: adapter_config.json exclude_modules={config['exclude_modules']!r} is a "
+                             "regex; only a list of module names is supported.")
   use_dora = bool(config.get("use_dora", False))
   cfg = (dora.DoraConfig if use_dora else lora.LoraConfig)(
       rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
       dropout=float(config.get("lora_dropout", 0.0)), targets=_targets(config.get("target_modules")),
-      use_rslora=bool(config.get("use_rslora", False)), rank_pattern=config.get("rank_pattern") or {},
-      alpha_pattern=config.get("alpha_pattern") or {},
-      init=_init_name(config.get("init_lora_weights", True), use_dora))
+      exclude=tuple(config.get("exclude_modules") or ()), use_rslora=bool(config.get("use_rslora", False)),
+      rank_pattern=config.get("rank_pattern") or {}, alpha_pattern=config.get("alpha_pattern") or {},
+      init=_init_name(config.get("init_lora_weights", True), use_dora),
+      layers_to_transform=config.get("layers_to_transform"), layers_pattern=config.get("layers_pattern"))
   flat = ptree.flatten(params)
   by_hf_name = {ptree.hf_name(m): m for m in ptree.linear_modules(params)}
   kinds = ("lora_A", "lora_B", dora.MAGNITUDE) if use_dora else ("lora_A", "lora_B")
   adapters = {}
+  _check_base_layers(folder, _base_layers(folder, tensors, params), params)
   for key, tensor in tensors.items():
+    if BASE_LAYER in key:
+      continue
     name = key.removeprefix(PREFIX)
     module, kind = name, ""
     if name.endswith("." + dora.MAGNITUDE):
@@ -194,6 +204,53 @@ def _lora_from(folder: str, config: dict, tensors: dict[str, np.ndarray], params
     adapters[f"{path}/{kind}"] = jnp.asarray(value, jnp.float32)
   _check_complete(folder, adapters, kinds)
   return cfg, ptree.unflatten(adapters)
+
+
+def _base_layers(folder: str, tensors: dict[str, np.ndarray], params: dict) -> dict[str, np.ndarray]:
+  """{our leaf path: value in our layout} of the base weights PEFT saves next to an adapted module it counts as an
+  embedding layer (``<module>.base_layer.weight``, e.g. lm_head with save_embedding_layers="auto")."""
+  flat = ptree.flatten(params)
+  by_key = {}
+  for path in flat:
+    module, leaf = path.rsplit("/", 1) if "/" in path else ("", path)
+    if leaf in ("kernel", "bias"):
+      by_key[f"{PREFIX}{ptree.hf_name(module)}.{BASE_LAYER}.{'weight' if leaf == 'kernel' else 'bias'}"] = path
+  leaves = {}
+  for key, value in tensors.items():
+    if BASE_LAYER not in key:
+      continue
+    if key not in by_key:
+      raise AdapterFormatError(f"{folder!r}: tensor {key!r} names a base layer this model does not have.")
+    path = by_key[key]
+    value = _torch_layout(path, value)
+    if value.shape != tuple(np.shape(flat[path])):
+      raise AdapterFormatError(f"{folder!r}: tensor {key!r} has shape {value.shape[::-1]} but this model's {path!r} "
+                               f"is {np.shape(flat[path])} (ours; PyTorch Linear weights are transposed).")
+    leaves[path] = value
+  return leaves
+
+
+def _check_base_layers(folder: str, leaves: dict[str, np.ndarray], params: dict) -> None:
+  """The folder's saved base weights must equal `params`' (when `params` holds arrays, not only shapes)."""
+  flat = ptree.flatten(params)
+  for path, value in leaves.items():
+    if isinstance(flat[path], jax.ShapeDtypeStruct):
+      continue
+    ours = np.asarray(jax.device_get(flat[path]), np.float32)
+    if not np.allclose(value, ours, rtol=1e-5, atol=1e-6):
+      raise AdapterFormatError(
+          f"{folder!r}: the base weight {path!r} saved with the adapter differs from this model's by up to "
+          f"{float(np.max(np.abs(value - ours))):.3g}; load it onto the base it was trained with, or take the saved "
+          "weights with peftjax.interop.with_saved_base_layers(folder, params).")
+
+
+def with_saved_base_layers(folder: str, params: dict) -> dict:
+  """`params` with the base weights a PEFT LoRA folder saved beside its adapters (``<module>.base_layer.weight``,
+  e.g. a resized lm_head) put in their places; the other leaves are `params`' own."""
+  _, tensors = adapter_schema.read_folder(folder)
+  leaves = _base_layers(folder, tensors, params)
+  flat = ptree.flatten(params)
+  return ptree.unflatten({**flat, **{p: jnp.asarray(v, flat[p].dtype) for p, v in leaves.items()}})
 
 
 def _check_complete(folder: str, adapters: dict, kinds: tuple[str, ...]) -> None:
