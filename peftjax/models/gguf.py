@@ -14,6 +14,7 @@ Llama 3.1+ files keep the "llama3" RoPE scaling as per-frequency factors (`rope_
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -105,6 +106,20 @@ def llama3_rope_scaling(rope_factors: np.ndarray, rope_theta: float, head_dim: i
   return scaling
 
 
+def _reader(path: str):
+  """gguf-py's (memory-mapped) reader of `path`; parsing the header takes seconds, so the last one is kept for
+  the config check, the weights and the tokenizer of one run."""
+  from gguf import GGUFReader
+  stat = os.stat(path)
+  return _cached_reader(os.path.abspath(path), stat.st_mtime_ns, stat.st_size, GGUFReader)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_reader(path: str, mtime_ns: int, size: int, make):
+  del mtime_ns, size  # part of the cache key: a rewritten file is read again
+  return make(path)
+
+
 def _field(reader, key: str, default=None):
   field = reader.fields.get(key)
   return default if field is None else field.contents()
@@ -153,9 +168,8 @@ def config_from_metadata(reader, tensors: dict[str, np.ndarray]) -> dict:
 
 def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(Hugging Face config dict, {Hugging Face tensor name: float32 array in PyTorch layout}) of a GGUF file."""
-  from gguf import GGUFReader
   from gguf.quants import dequantize
-  reader = GGUFReader(path)
+  reader = _reader(path)
   raw = {}
   for tensor in reader.tensors:
     shape = [int(n) for n in reversed(tensor.shape)]
@@ -181,9 +195,8 @@ def _metadata(reader) -> dict:
 def read_config(path: str) -> dict:
   """The Hugging Face config dict of a GGUF file from its metadata and tensor shapes alone (no weights are read,
   beyond the small rope_freqs table)."""
-  from gguf import GGUFReader
   from gguf.quants import dequantize
-  reader = GGUFReader(path)
+  reader = _reader(path)
   tensors = {}
   for tensor in reader.tensors:
     shape = tuple(int(n) for n in reversed(tensor.shape))
@@ -200,13 +213,12 @@ def load_tokenizer(path: str):
   The metadata is read with gguf-py and handed to transformers' GGUF tokenizer converter, so no torch is
   needed (transformers' own GGUF reader imports it).
   """
-  from gguf import GGUFReader
   from transformers import PreTrainedTokenizerFast
   from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
   file = find(path)
   if file is None:
     raise FileNotFoundError(f"{path!r} is neither a .gguf file nor a folder holding one.")
-  metadata = _metadata(GGUFReader(file))
+  metadata = _metadata(_reader(file))
   grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
                      if f"tokenizer.{key}" in metadata}
              for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items()}
