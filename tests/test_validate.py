@@ -46,6 +46,11 @@ BAD_SETTINGS = [
                                                 "asset: "),
     ({"tokenizer": "./no/tokenizer"}, "config.tokenizer='./no/tokenizer' is neither an existing file or folder nor "),
     ({"model_shape.d_model": -4}, "config.model_shape does not make a t5 model"),
+    ({"lora.targets": "(("}, "config.lora.targets='((' is not a valid regex (missing ), unterminated subpattern at "
+                             "position 1); give module names separated by commas, \"all-linear\" or a regex."),
+    ({"modules_to_save": "nothere"}, "config.modules_to_save='nothere' matches no module; valid module names are "),
+    ({"method": "bitfit"}, "BitFit cannot train this model: it has no bias parameters (no leaf named 'bias'); use a "
+                           "method that adds parameters instead, such as LoraConfig or IA3Config."),
 ]
 
 

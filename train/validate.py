@@ -149,14 +149,19 @@ def check_method(config: ml_collections.ConfigDict, model, params, tokenizer_pat
   if method_cfg is None:
     return
   section = methods.METHODS[config.method][0]
+  key = _targets_key(section)
+  typed = config[section].get(key) if section in config else None
   try:
     jax.eval_shape(functools.partial(pj.init, method_cfg), jax.random.key(0), params)
+  except re.error as e:
+    raise ValueError(f"config.{section}.{key}={typed!r} is not a valid regex ({e}); give module names separated by "
+                     "commas, \"all-linear\" or a regex.") from None
   except ValueError as e:
-    message = str(e)
-    typed = config[section].get(_targets_key(section)) if section in config else None
+    message = re.sub(r"^ModulesToSaveConfig\.modules=.*? match no module",
+                     f"config.modules_to_save={config.get('modules_to_save')!r} matches no module", str(e))
     message = re.sub(r"^(?:\w*Config\.)?targets=.*? match no linear module",
-                     f"config.{section}.{_targets_key(section)}={typed!r} matches no linear module", message)
-    raise ValueError(re.sub(r"\b[A-Z]\w*Config\.", f"config.{section}.", message)) from None
+                     f"config.{section}.{key}={typed!r} matches no linear module", message)
+    raise ValueError(re.sub(methods.CONFIG_FIELD, f"config.{section}.", message)) from None
 
 
 def check_workdir(workdir: str) -> None:
