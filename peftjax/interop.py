@@ -151,6 +151,14 @@ def _targets(value) -> str | tuple[str, ...]:
   return value if isinstance(value, str) else tuple(sorted(value or ()))
 
 
+def _exclude(folder: str, config: dict) -> tuple[str, ...]:
+  """exclude_modules as a tuple of names (PEFT's regex form is refused)."""
+  if isinstance(config.get("exclude_modules"), str):
+    raise AdapterFormatError(f"{folder!r}: adapter_config.json exclude_modules={config['exclude_modules']!r} is a "
+                             "regex; only a list of module names is supported.")
+  return tuple(config.get("exclude_modules") or ())
+
+
 def _init_name(value, use_dora: bool) -> str:
   """Our `init` for PEFT's init_lora_weights (only informative for a trained adapter)."""
   if isinstance(value, str) and (value == "gaussian" or (value.startswith("pissa") and not use_dora)):
@@ -165,14 +173,11 @@ def _lora_from(folder: str, config: dict, tensors: dict[str, np.ndarray], params
   if config.get("bias", "none") != "none":
     raise AdapterFormatError(f"{folder!r}: adapter_config.json bias={config['bias']!r} is not supported; only "
                              "'none' is.")
-  if isinstance(config.get("exclude_modules"), str):
-    raise AdapterFormatError(f"{folder!r}: adapter_config.json exclude_modules={config['exclude_modules']!r} is a "
-                             "regex; only a list of module names is supported.")
   use_dora = bool(config.get("use_dora", False))
   cfg = (dora.DoraConfig if use_dora else lora.LoraConfig)(
       rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
       dropout=float(config.get("lora_dropout", 0.0)), targets=_targets(config.get("target_modules")),
-      exclude=tuple(config.get("exclude_modules") or ()), use_rslora=bool(config.get("use_rslora", False)),
+      exclude=_exclude(folder, config), use_rslora=bool(config.get("use_rslora", False)),
       rank_pattern=config.get("rank_pattern") or {}, alpha_pattern=config.get("alpha_pattern") or {},
       init=_init_name(config.get("init_lora_weights", True), use_dora),
       layers_to_transform=config.get("layers_to_transform"), layers_pattern=config.get("layers_pattern"))
@@ -387,12 +392,9 @@ def _ia3_files(cfg: ia3.IA3Config, adapters: dict) -> tuple[dict, dict]:
 
 
 def _ia3_from(folder: str, config: dict, tensors: dict[str, np.ndarray], params: dict) -> tuple[ia3.IA3Config, dict]:
-  if isinstance(config.get("exclude_modules"), str):
-    raise AdapterFormatError(f"{folder!r}: adapter_config.json exclude_modules={config['exclude_modules']!r} is a "
-                             "regex; only a list of module names is supported.")
   cfg = ia3.IA3Config(targets=_targets(config.get("target_modules")),
                       feedforward=_targets(config.get("feedforward_modules")),
-                      exclude=tuple(config.get("exclude_modules") or ()))
+                      exclude=_exclude(folder, config))
   paths, feedforward = ia3.target_paths(cfg, params)
   by_hf_name = {ptree.hf_name(p): p for p in paths}
   flat = ptree.flatten(params)
