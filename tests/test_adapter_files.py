@@ -94,8 +94,9 @@ def test_peft_default_folder_with_lm_head_and_layers_to_transform(peft_folders, 
 
 def _lora_folder(folder: str, params) -> None:
   cfg = pj.LoraConfig(rank=2, alpha=4, targets=("q_proj", "lm_head"))
+  norm = {"model": {"norm": {"scale": np.ones(16, np.float32)}}}
   interop.save_adapter(folder, [cfg, pj.ModulesToSaveConfig(("model.norm",))],
-                       (pj.init(cfg, jax.random.key(0), params), {"model": {"norm": {"scale": np.ones(16, np.float32)}}}))
+                       (pj.init(cfg, jax.random.key(0), params), norm))
 
 
 def _edit_config(folder: str, **changes) -> None:
@@ -178,7 +179,8 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 10) | st.floats(
                     max_leaves=6)
 FIELDS = sorted({*adapter_schema.COMMON, *adapter_schema.SCHEMAS["LORA"], *adapter_schema.SCHEMAS["IA3"],
                  *adapter_schema.SCHEMAS["ADALORA"], *adapter_schema.SCHEMAS["PREFIX_TUNING"]} - {"peft_type"})
-PEFT_TYPES = st.sampled_from(["LORA", "LORA", "ADALORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "LOHA", 3])
+PEFT_TYPES = st.sampled_from(["LORA", "LORA", "ADALORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "LOHA",
+                              3])
 
 
 def _loads_or_refuses(folder: str, params) -> None:

@@ -135,7 +135,8 @@ def _cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.
 def test_help_lists_keys_methods_and_tasks():
   run = _cli("--config", "configs/lora_t5.py", "--help")
   assert run.returncode == 0, run.stderr
-  for line in ("  config.lora.rank = 16", "  config.optimizer.learning_rate = 0.0005", "  config.scale.micro_batches = 1",
+  for line in ("  config.lora.rank = 16", "  config.optimizer.learning_rate = 0.0005",
+               "  config.scale.micro_batches = 1",
                "  t5: bbc_headlines, rotten_tomatoes", "  dora: config.lora", "  full: (none: every parameter trains)",
                "config files (configs/): adalora_bert_sentiment.py, "):
     assert line in run.stdout
@@ -148,7 +149,8 @@ NO_TORCH = {"PYTHONPATH": str(pathlib.Path(__file__).parent / "no_torch")}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,overrides", [
-    ("lora_gpt2", ["--config.model_shape.n_embd=32", "--config.model_shape.n_layer=1", "--config.model_shape.n_head=2"]),
+    ("lora_gpt2", ["--config.model_shape.n_embd=32", "--config.model_shape.n_layer=1",
+                   "--config.model_shape.n_head=2"]),
     ("lora_llama", []),  # the real SmolLM2 GGUF: model and tokenizer from the file
 ])
 def test_configs_run_without_torch(tmp_path, name, overrides):

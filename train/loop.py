@@ -3,12 +3,12 @@
 config.family picks the model module and its task adapter (`train.tasks`: sequence-to-sequence LM,
 sequence classification, causal LM); config.method picks the method (`train.methods`).
 
-workdir layout: config.json (the run's settings and its finished step: `train.run_record`),
-checkpoints/<step>/ (Orbax: train state + data position), tensorboard/ (event files), merged/ (the model with the method folded in + tokenizer, a Hugging Face folder; not for bottleneck
-adapters and prompt / prefix methods, which do not fold into the weights), adapter/ (a Hugging Face PEFT
-folder, modules_to_save included, for every method PEFT has: LoRA, DoRA, AdaLoRA, IA3 and the prompt family;
-an Orbax tree of the trained leaves for the others) and, for a randomly initialised model, base/ (the frozen
-base the adapter applies to).
+workdir layout: config.json (the run's settings and its finished step: `train.run_record`), checkpoints/<step>/
+(Orbax: train state + data position), tensorboard/ (event files), merged/ (the model with the method folded in +
+tokenizer, a Hugging Face folder; not for bottleneck adapters and prompt / prefix methods, which do not fold
+into the weights), adapter/ (a Hugging Face PEFT folder, modules_to_save included, for every method PEFT has:
+LoRA, DoRA, AdaLoRA, IA3 and the prompt family; an Orbax tree of the trained leaves for the others) and, for a
+randomly initialised model, base/ (the frozen base the adapter applies to).
 
 Scale (config.scale): the same run goes from one CPU to a TPU pod.  `main` first joins a multi-process job
 when asked (`peftjax.distributed.initialize`), builds the (data, fsdp, tensor) device mesh, places the

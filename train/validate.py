@@ -84,15 +84,15 @@ def location(key: str, spec: str) -> str:
       raise ValueError(f"config.{key}={spec!r} names no installed asset: {e}") from None
   if os.path.exists(spec):
     return spec
-  looks_like_path = spec.startswith(("/", "./", "../", "~")) or spec.endswith(".gguf")
   from huggingface_hub.utils import HFValidationError, validate_repo_id
   try:
-    if looks_like_path:
-      raise HFValidationError(spec)
     validate_repo_id(spec)
+    hub_id = not spec.startswith(("/", "./", "../", "~")) and not spec.endswith(".gguf")
   except HFValidationError:
+    hub_id = False
+  if not hub_id:
     raise ValueError(f"config.{key}={spec!r} is neither an existing file or folder nor a hub id; give "
-                     f"{MODEL_HELP}.") from None
+                     f"{MODEL_HELP}.")
   try:
     return hf_io.resolve(spec)
   except Exception as e:  # huggingface_hub's many errors (offline, not found, gated, network): one sentence
@@ -106,28 +106,31 @@ def abstract_model(config: ml_collections.ConfigDict, path: str | None):
   """(model, parameter shapes) of config.model at `path` (None: the random model): built from config.json or the
   GGUF metadata, with `jax.eval_shape` of the init (no weights read)."""
   family = tasks.FAMILIES[config.family]
-  def init(model):
-    return jax.eval_shape(functools.partial(family.module.init_params, model), jax.random.key(0))
-
   if path is None:
     try:
       model = family.random_model(config.model_shape.to_dict(), 2)
-      return model, init(model)
+      return model, _shapes(family, model)
     except (TypeError, ValueError) as e:
       reason = str(e).strip().splitlines()[0]
       raise ValueError(f"config.model_shape does not make a {config.family} model ({reason}); its keys are Hugging "
                        f"Face {family.config_cls.__name__} fields, sizes positive.") from None
-  else:
+  try:
     gguf_file = gguf.find(path) if config.family == "llama" else None
     hf_config = gguf.read_config(gguf_file) if gguf_file else _folder_config(path)
-    module = pj.models.FAMILIES.get(hf_config.get("model_type"))
-    if module != family.module.__name__:
-      fits = sorted(name for name, f in tasks.FAMILIES.items() if f.module.__name__ == module)
-      raise ValueError(f"config.model={config.model!r} is a {hf_config.get('model_type')!r} checkpoint but "
-                       f"config.family={config.family!r}; valid families for it: {fits}.")
-    heads = {"num_labels": 2} if family.task is tasks.SequenceClassification else {}
-    model = family.model_cls(family.config_cls.from_hf(hf_config), **heads)
-  return model, init(model)
+  except ValueError as e:
+    raise ValueError(str(e) if str(e).startswith("config.") else f"config.model={config.model!r}: {e}") from None
+  module = pj.models.FAMILIES.get(hf_config.get("model_type"))
+  if module != family.module.__name__:
+    fits = sorted(name for name, f in tasks.FAMILIES.items() if f.module.__name__ == module)
+    raise ValueError(f"config.model={config.model!r} is a {hf_config.get('model_type')!r} checkpoint but "
+                     f"config.family={config.family!r}; valid families for it: {fits}.")
+  heads = {"num_labels": 2} if family.task is tasks.SequenceClassification else {}
+  model = family.model_cls(family.config_cls.from_hf(hf_config), **heads)
+  return model, _shapes(family, model)
+
+
+def _shapes(family, model):
+  return jax.eval_shape(functools.partial(family.module.init_params, model), jax.random.key(0))
 
 
 def _folder_config(path: str) -> dict:
