@@ -101,6 +101,7 @@ def test_targets_resolve_on_parameter_shapes_without_weights(tmp_path, no_comput
   validate.check(llama)  # passes
 
 
+@pytest.mark.slow
 def test_rerun_with_other_settings_is_refused_and_a_finished_run_rewrites_nothing(tmp_path):
   config = tiny_config(tmp_path, steps=3, checkpoint_every=3)
   first = train.main(config)
@@ -132,6 +133,7 @@ def _cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.
                         timeout=timeout, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow  # two fresh interpreters importing jax and transformers
 def test_help_lists_keys_methods_and_tasks():
   run = _cli("--config", "configs/lora_t5.py", "--help")
   assert run.returncode == 0, run.stderr
