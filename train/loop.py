@@ -3,12 +3,12 @@
 config.family picks the model module and its task adapter (`train.tasks`: sequence-to-sequence LM,
 sequence classification, causal LM); config.method picks the method (`train.methods`).
 
-workdir layout: checkpoints/<step>/ (Orbax: train state + data position), tensorboard/ (event
-files), merged/ (the model with the method folded in + tokenizer, a Hugging Face folder; not for bottleneck
-adapters and prompt / prefix methods, which do not fold into the weights), adapter/ (a Hugging Face PEFT
-folder, modules_to_save included, for every method PEFT has: LoRA, DoRA, AdaLoRA, IA3 and the prompt family;
-an Orbax tree of the trained leaves for the others) and, for a randomly initialised model, base/ (the frozen
-base the adapter applies to).
+workdir layout: config.json (the run's settings and its finished step: `train.run_record`), checkpoints/<step>/
+(Orbax: train state + data position), tensorboard/ (event files), merged/ (the model with the method folded in +
+tokenizer, a Hugging Face folder; not for bottleneck adapters and prompt / prefix methods, which do not fold
+into the weights), adapter/ (a Hugging Face PEFT folder, modules_to_save included, for every method PEFT has:
+LoRA, DoRA, AdaLoRA, IA3 and the prompt family; an Orbax tree of the trained leaves for the others) and, for a
+randomly initialised model, base/ (the frozen base the adapter applies to).
 
 Scale (config.scale): the same run goes from one CPU to a TPU pod.  `main` first joins a multi-process job
 when asked (`peftjax.distributed.initialize`), builds the (data, fsdp, tensor) device mesh, places the
@@ -38,7 +38,7 @@ import peftjax as pj
 from peftjax import assets, checkpoint, distributed, interop, sharding
 from peftjax.models import gguf, hf_io
 
-from train import data, methods, steps, tasks
+from train import data, methods, run_record, steps, tasks, validate
 
 RANDOM_MODELS = ("", "random")
 ASSET = "asset:"
@@ -64,6 +64,15 @@ def resolve(spec: str) -> str:
   return spec if os.path.exists(spec) else hf_io.resolve(spec)
 
 
+def base_model_name(spec: str) -> str:
+  """What an adapter names as its base model (base_model_name_or_path), resolvable on another machine: the hub id
+  an asset model came from (else the "asset:" spec itself), or the path / hub id as the user gave it."""
+  if spec.startswith(ASSET):
+    package, _, relative = spec[len(ASSET):].partition("/")
+    return assets.hub_id(package, relative) or spec
+  return spec
+
+
 def scale_config(**overrides) -> ml_collections.ConfigDict:
   """A config.scale section: SCALE_DEFAULTS (documented there) with `overrides`."""
   return ml_collections.ConfigDict({**SCALE_DEFAULTS, **overrides})
@@ -72,50 +81,6 @@ def scale_config(**overrides) -> ml_collections.ConfigDict:
 def scale_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """config.scale with SCALE_DEFAULTS for the keys it leaves out."""
   return ml_collections.ConfigDict({**SCALE_DEFAULTS, **config.get("scale", ml_collections.ConfigDict()).to_dict()})
-
-
-def _check_scale(config: ml_collections.ConfigDict) -> None:
-  scale = scale_settings(config)
-  shape = tuple(scale.mesh_shape)
-  if (len(shape) != len(sharding.MESH_AXES) or not all(isinstance(s, int) and (s > 0 or s == -1) for s in shape)
-      or shape.count(-1) > 1):
-    raise ValueError(f"config.scale.mesh_shape={shape} must be {len(sharding.MESH_AXES)} sizes for the mesh axes "
-                     f"{sharding.MESH_AXES}, each a positive integer or -1 (at most one: the remaining devices).")
-  for rule in scale.logical_axis_rules:
-    targets = rule[1] if len(rule) == 2 and isinstance(rule[1], (tuple, list)) else rule[1:]
-    if len(rule) != 2 or not isinstance(rule[0], str) or any(t not in (*sharding.MESH_AXES, None) for t in targets):
-      raise ValueError(f"config.scale.logical_axis_rules holds {rule!r}; each rule is (logical axis name, mesh axis, "
-                       f"tuple of mesh axes or None) with mesh axes from {sharding.MESH_AXES}.")
-  if not isinstance(scale.micro_batches, int) or scale.micro_batches < 1 or config.batch_size % scale.micro_batches:
-    raise ValueError(f"config.scale.micro_batches={scale.micro_batches} must be a positive integer that divides "
-                     f"config.batch_size={config.batch_size}.")
-  for key, value in (("compute_dtype", config.compute_dtype), ("scale.frozen_dtype", scale.frozen_dtype)):
-    if value not in DTYPES:
-      raise ValueError(f"config.{key}={value!r} is not supported; valid: {sorted(DTYPES)}.")
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError (one sentence naming the key and what is valid) for a bad config value."""
-  if config.family not in tasks.FAMILIES:
-    raise ValueError(f"config.family={config.family!r} is not a known model family; valid: {sorted(tasks.FAMILIES)}.")
-  task = tasks.FAMILIES[config.family].task
-  data.check_task(task.kind, config.task)
-  methods.check(config)
-  if config.optimizer.decay not in steps.DECAYS:
-    raise ValueError(f"config.optimizer.decay={config.optimizer.decay!r} is not a known schedule; "
-                     f"valid: {list(steps.DECAYS)}.")
-  for key in ("batch_size", *task.length_keys, "log_every", "checkpoint_every", "keep_checkpoints"):
-    if key not in config:
-      raise ValueError(f"config.{key} is missing; a {task.kind} model needs {list(task.length_keys)}.")
-    if config[key] < 1:
-      raise ValueError(f"config.{key}={config[key]} must be a positive integer.")
-  for key in ("steps", "eval_every", "train_examples"):
-    if config[key] < 0:
-      raise ValueError(f"config.{key}={config[key]} must be 0 or a positive integer.")
-  if config.optimizer.learning_rate <= 0 or config.optimizer.grad_clip_norm <= 0:
-    raise ValueError(f"config.optimizer.learning_rate={config.optimizer.learning_rate} and grad_clip_norm="
-                     f"{config.optimizer.grad_clip_norm} must both be positive.")
-  _check_scale(config)
 
 
 def make_mesh(config: ml_collections.ConfigDict):
@@ -156,12 +121,11 @@ def load_model(config: ml_collections.ConfigDict, num_labels: int = 2):
   model = model.clone(dtype=DTYPES[config.compute_dtype])
   if scale_settings(config).remat:
     model = sharding.with_remat(model)
-  own = path is not None and (path.endswith(".gguf") or any(
-      os.path.exists(os.path.join(path, f)) for f in ("tokenizer_config.json", "tokenizer.json")))
+  own = validate.own_tokenizer(path)
   if not (config.tokenizer or own or family.default_tokenizer):
     raise ValueError(f"config.tokenizer is empty and the {config.family} model has no tokenizer of its own; "
                      "name a tokenizer folder or hub id.")
-  tokenizer_path = resolve(config.tokenizer) if config.tokenizer else path if own else resolve(family.default_tokenizer)
+  tokenizer_path = resolve(config.tokenizer) if config.tokenizer else own or resolve(family.default_tokenizer)
   tokenizer = load_tokenizer(tokenizer_path)
   if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
@@ -258,7 +222,7 @@ def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config
   written = []
   if method_cfg is not None:
     written.append("adapter")
-    base_name = resolve(config.model) if config.model.startswith(ASSET) else config.model  # a path PEFT can open
+    base_name = base_model_name(config.model)
     if config.model in RANDOM_MODELS:
       base_name = f"{workdir}/base"
       written.append("base")
@@ -294,15 +258,22 @@ def _metrics_line(step: int, metrics: dict) -> str:
   return f"step {step}: " + ", ".join(f"eval {name.replace('_', ' ')} {value:.4f}" for name, value in metrics.items())
 
 
-def main(config: ml_collections.ConfigDict) -> dict:
-  """Trains, evaluates before/after, checkpoints, exports; returns a summary with the final train state."""
-  check_config(config)
+def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -> dict:
+  """Trains, evaluates before/after, checkpoints, exports; returns a summary with the final train state.
+
+  A workdir holding a run of other settings is refused unless `allow_config_change`; a finished run rerun with
+  no more steps returns {'finished': True, ...} and rewrites nothing (`train.run_record`).
+  """
+  validate.check(config)
   scale = scale_settings(config)
   distributed.initialize(scale.coordinator_address, scale.num_processes, scale.process_id)  # before any JAX call
   mesh = make_mesh(config)
   workdir = config.workdir if _remote(config.workdir) else os.path.abspath(config.workdir)
-  if not _remote(workdir):
-    os.makedirs(workdir, exist_ok=True)
+  finished = run_record.check_rerun(config, workdir, allow_config_change)
+  if finished is not None:
+    print(f"the run in {workdir} finished at step {finished} and wrote its files there; nothing was rewritten "
+          "(raise config.steps to train on).")
+    return {"start_step": finished, "final_step": finished, "finished": True, "workdir": workdir, "config": config}
   task = tasks.FAMILIES[config.family].task
   train_set, held_out = data.split(data.load_task(task.kind, config.task), config.eval_examples,
                                    config.train_examples)
@@ -331,6 +302,8 @@ def main(config: ml_collections.ConfigDict) -> dict:
   evaluate = steps.make_evaluate(forward, task, config.batch_size, put_batch, exact_match)
   position = {"epoch": 0, "index": 0}
 
+  if jax.process_index() == 0:
+    run_record.write(workdir, config)  # creates the workdir: nothing is left there by a config error
   manager = checkpoint.manager(f"{workdir}/checkpoints", max_to_keep=config.keep_checkpoints)
   try:
     restored = checkpoint.restore(manager, sharding.abstract(state, shardings["state"]))
@@ -386,6 +359,8 @@ def main(config: ml_collections.ConfigDict) -> dict:
   written = export(workdir, model, frozen, state["trainable"], method_cfg, tokenizer, config, shardings["frozen"],
                    state["method_state"])
   print("wrote " + " and ".join(f"{workdir}/{name}" for name in written))
+  if jax.process_index() == 0:
+    run_record.write(workdir, config, final_step)
   return {"start_step": start_step, "final_step": final_step, "before": before, "after": after,
           "trainable_parameters": trainable_line, "train_seconds": train_seconds, "state": state,
           "frozen": frozen, "model": model, "method": method_cfg, "config": config, "workdir": workdir,
