@@ -179,7 +179,7 @@ def restore(mngr: Manager, target: Any, step: int | None = None) -> tuple[Any, d
   """(state, data) of `step` (default: the newest intact step), shaped like `target`; None when there is none.
 
   `target` is a tree of arrays or jax.ShapeDtypeStruct with the saved structure (e.g. a freshly initialised
-  state); its leaves give the restored shapes, dtypes and shardings.  Damaged steps newer than the restored one
+  state); its leaves give the restored shapes, dtypes and shardings (None: as saved, on one device).  Damaged steps newer than the restored one
   are reported (one line each) and moved to damaged/; CheckpointError when no step is intact, when `step` is
   damaged, or when the step was written for another state layout.
   """
@@ -200,7 +200,7 @@ def restore(mngr: Manager, target: Any, step: int | None = None) -> tuple[Any, d
   for line in lines:
     print(f"{line}; moving it to {DAMAGED}/ and resuming from step {chosen}.", flush=True)
   _set_aside(mngr, [s for s in candidates if s > chosen])
-  difference = _layout_difference(mngr, chosen, target)
+  difference = None if target is None else _layout_difference(mngr, chosen, target)
   if difference is not None:
     raise CheckpointError(f"checkpoint step {chosen} in {str(mngr.directory)!r} was written by another config "
                           f"(another model, task or method setting?): {difference}; use a new config.workdir.")
