@@ -179,9 +179,9 @@ def restore(mngr: Manager, target: Any, step: int | None = None) -> tuple[Any, d
   """(state, data) of `step` (default: the newest intact step), shaped like `target`; None when there is none.
 
   `target` is a tree of arrays or jax.ShapeDtypeStruct with the saved structure (e.g. a freshly initialised
-  state); its leaves give the restored shapes, dtypes and shardings (None: as saved, on one device).  Damaged steps newer than the restored one
-  are reported (one line each) and moved to damaged/; CheckpointError when no step is intact, when `step` is
-  damaged, or when the step was written for another state layout.
+  state); its leaves give the restored shapes, dtypes and shardings (None: as saved, on one device).  Damaged
+  steps newer than the restored one are reported (one line each) and moved to damaged/; CheckpointError when no
+  step is intact, when `step` is damaged, or when the step was written for another state layout.
   """
   steps = list(mngr.all_steps())
   if step is not None and step not in steps:

@@ -272,8 +272,8 @@ def make_train_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: opt
   `state_shardings`; the batch is split over (data, fsdp).  rng is fold_in(key(seed), step) (fold_in'ed
   again with the micro-batch index).  A non-finite loss, gradient, updated parameter or optimizer moment
   leaves trainable, opt_state and the method's state unchanged (metrics['skipped'] = 1; metrics['nonfinite']
-  holds the NONFINITE bits of what was non-finite).  Mixed precision comes from the inputs: a bfloat16-compute model, frozen weights
-  cast with `cast_floating`, float32 adapters (so float32 gradients and optimizer state).
+  holds the NONFINITE bits of what was non-finite).  Mixed precision comes from the inputs: a bfloat16-compute
+  model, frozen weights cast with `cast_floating`, float32 adapters (so float32 gradients and optimizer state).
 
   The state may hold entries besides 'step', 'trainable' and 'opt_state' (e.g. a method's own state, with
   their shardings in `shardings`); they pass through unchanged unless `post_update(state, grads) -> state`
