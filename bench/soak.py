@@ -133,8 +133,9 @@ def soak(args) -> int:
     damaged_reported += damaged
     resumed = next((line for line in lines if line.startswith("resuming")), "started at step 0")
     after = steps_on_disk(run)
-    print(f"cycle {cycle}: {resumed.split(' (')[0]}; killed {'in the ' + phase + ' phase of a write' if phase else ''}"
-          f"{'inside an Orbax write ' + str(tmp) if tmp and not phase else ''}; steps on disk {before} -> {after}"
+    where = (f"paused in the {phase!r} phase of a write" if phase else f"inside an Orbax write {tmp}" if tmp
+             else "at a random moment")
+    print(f"cycle {cycle}: {resumed.split(' (')[0]}; killed {where}; steps on disk {before} -> {after}"
           f"{'; reported a damaged step' if damaged else ''}", flush=True)
     if cycle == args.damage_cycle and after:
       file = flip_32_bytes(run / "checkpoints" / str(after[-1]))

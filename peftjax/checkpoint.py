@@ -145,7 +145,9 @@ def why_damaged(mngr: Manager, step: int) -> str | None:
 
 def _layout_difference(mngr: Manager, step: int, target: Any) -> str | None:
   """How the state layout saved in step `step`'s manifest differs from `target`'s, or None."""
-  saved, wanted = json.loads((mngr.directory / str(step) / MANIFEST).read_text())["layout"], _layout(target)
+  saved, wanted = json.loads((mngr.directory / str(step) / MANIFEST).read_text()).get("layout"), _layout(target)
+  if saved is None:  # a manifest without a layout: nothing to compare (Orbax's restore still checks the structure)
+    return None
   for key in sorted(saved.keys() | wanted.keys()):
     if saved.get(key) != wanted.get(key):
       describe = lambda entry: "absent" if entry is None else f"shape {tuple(entry[0])} {entry[1]}"  # noqa: E731

@@ -2,7 +2,7 @@
 
 A tree holding NaN or inf is refused before a single byte is written, so a diverged run never replaces a good
 file.  Leaves may be numpy arrays (host copies about to be written) or jax.Arrays, sharded over several
-processes too (the counts are computed on device, one compiled reduction per tree structure).
+processes too (those are counted on device, where they are).
 """
 
 from __future__ import annotations
@@ -23,17 +23,16 @@ def _name(path) -> str:
 
 
 @jax.jit
-def _device_counts(leaves: list) -> list:
-  return [jnp.sum(~jnp.isfinite(x)) for x in leaves]
+def _device_count(x: jax.Array) -> jax.Array:
+  return jnp.sum(~jnp.isfinite(x))
 
 
 def nonfinite_counts(tree: Any) -> dict[str, int]:
   """{leaf path: number of NaN / inf values} for the floating-point leaves of `tree` that hold any."""
   named = [(_name(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
-  on_device = [(name, leaf) for name, leaf in named if isinstance(leaf, jax.Array)]
-  counts = dict(zip([name for name, _ in on_device], _device_counts([leaf for _, leaf in on_device])))
-  counts.update({name: np.sum(~np.isfinite(np.asarray(leaf))) for name, leaf in named if name not in counts})
+  counts = {name: _device_count(leaf) if isinstance(leaf, jax.Array) else np.sum(~np.isfinite(np.asarray(leaf)))
+            for name, leaf in named}  # device counts are dispatched together, then read
   return {name: int(count) for name, count in counts.items() if int(count)}
 
 
