@@ -64,6 +64,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval_every = 0            # 0: evaluate only before and after training
   config.checkpoint_every = 150
   config.keep_checkpoints = 1
+  config.on_nonfinite = "skip"     # a NaN / inf loss, gradient or parameter: "skip" the update (counted) or "stop"
+  config.max_consecutive_skips = 20  # stop anyway after this many skipped steps in a row (0: never)
   config.workdir = "workdir/lora_bert_sentiment" + "".join(f"_{o}" for o in sorted(options))
   config.seed = 0
 

@@ -50,6 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every = 0
   config.checkpoint_every = 50
   config.keep_checkpoints = 1
+  config.on_nonfinite = "skip"     # a NaN / inf loss, gradient or parameter: "skip" the update (counted) or "stop"
+  config.max_consecutive_skips = 20  # stop anyway after this many skipped steps in a row (0: never)
   config.workdir = "workdir/lora_llama"
   config.seed = 0
 

@@ -62,6 +62,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every = 200          # 0: evaluate only before and after training
   config.checkpoint_every = 200
   config.keep_checkpoints = 2
+  config.on_nonfinite = "skip"     # a NaN / inf loss, gradient or parameter: "skip" the update (counted) or "stop"
+  config.max_consecutive_skips = 20  # stop anyway after this many skipped steps in a row (0: never)
   config.workdir = "workdir"
   config.seed = 0
 

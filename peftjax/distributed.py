@@ -17,6 +17,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from peftjax import finite
 from peftjax import tree as ptree
 
 ENV_AUTO = "PEFTJAX_DIST_INIT"
@@ -98,6 +99,7 @@ def export_merged(save_pretrained: Callable[[Any, dict, str], None], model: Any,
   host = {}
   for path, leaf in ptree.flatten(merged).items():
     value = to_host(leaf)
+    finite.check({path: value}, f"the model {folder!r}")  # on every process, so all of them stop alike
     if jax.process_index() == 0:
       host[path] = value
   if jax.process_index() == 0:

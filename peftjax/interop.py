@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import save_file
 
-from peftjax import adapter_schema, interop_prompts
+from peftjax import adapter_schema, finite, interop_prompts
 from peftjax import tree as ptree
 from peftjax.methods import adalora, dora, ia3, lora, modules_to_save
 from peftjax.models import hf_io
@@ -111,7 +111,9 @@ def save_lora_adapter(folder: str, cfg: lora.LoraConfig, adapters: dict, base_mo
 
 
 def write_folder(folder: str, config: dict, tensors: dict[str, np.ndarray]) -> None:
-  """Writes adapter_config.json and adapter_model.safetensors into `folder` (replaced whole, via a temporary folder)."""
+  """Writes adapter_config.json and adapter_model.safetensors into `folder` (replaced whole, via a temporary folder);
+  a tensor holding NaN or inf is refused (`peftjax.finite`) before anything is written."""
+  finite.check(tensors, f"the adapter {os.path.join(folder, ADAPTER_WEIGHTS)!r}")
   parent = os.path.dirname(os.path.abspath(folder))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)

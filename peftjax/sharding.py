@@ -242,6 +242,23 @@ def _micro_batches(batch: Any, count: int, mesh: Mesh) -> Any:
   return jax.tree.map(split, batch)
 
 
+# Bits of a step's metrics['nonfinite']: what held NaN or inf.
+NONFINITE = {1: "loss", 2: "gradients", 4: "updated parameters or optimizer state"}
+
+
+def nonfinite_flags(loss: jax.Array, grad_norm: jax.Array, updated: Any) -> jax.Array:
+  """int32 sum of the NONFINITE bits of what is NaN or inf: the loss, the gradient norm, any updated leaf."""
+  leaves = [x for x in jax.tree.leaves(updated) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  params_finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
+  return sum(bit * (~ok).astype(jnp.int32)
+             for bit, ok in zip(NONFINITE, (jnp.isfinite(loss), jnp.isfinite(grad_norm), params_finite)))
+
+
+def nonfinite_names(flags: int) -> list[str]:
+  """The NONFINITE names of the bits set in `flags`."""
+  return [name for bit, name in NONFINITE.items() if flags & bit]
+
+
 def make_train_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: optax.GradientTransformation,
                     shardings: dict, frozen_shardings: Any, *, micro_batches: int = 1, seed: int = 0,
                     donate: bool = True, post_update: Callable[[dict, Any], dict] | None = None
@@ -254,9 +271,10 @@ def make_train_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: opt
   a `lax.scan` before one optimizer update, which equals the full-batch step.  `shardings` comes from
   `state_shardings`; the batch is split over (data, fsdp).  rng is fold_in(key(seed), step) for every micro-batch,
   and dropout masks are drawn per global row (`peftjax.dropout.rows`), so micro-batches and meshes do not change
-  them.  A non-finite loss or gradient leaves trainable and opt_state unchanged
-  (metrics['skipped'] = 1).  Mixed precision comes from the inputs: a bfloat16-compute model, frozen weights
-  cast with `cast_floating`, float32 adapters (so float32 gradients and optimizer state).
+  them.  A non-finite loss, gradient, updated parameter or optimizer moment
+  leaves trainable, opt_state and the method's state unchanged (metrics['skipped'] = 1; metrics['nonfinite']
+  holds the NONFINITE bits of what was non-finite).  Mixed precision comes from the inputs: a bfloat16-compute
+  model, frozen weights cast with `cast_floating`, float32 adapters (so float32 gradients and optimizer state).
 
   The state may hold entries besides 'step', 'trainable' and 'opt_state' (e.g. a method's own state, with
   their shardings in `shardings`); they pass through unchanged unless `post_update(state, grads) -> state`
@@ -293,13 +311,15 @@ def make_train_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: opt
     loss, grads = total * scale, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updated = {**state, "trainable": optax.apply_updates(trainable, updates), "opt_state": opt_state}
     if post_update is not None:
       updated = post_update(updated, grads)
+    nonfinite = nonfinite_flags(loss, grad_norm, {k: v for k, v in updated.items() if k != "step"})
+    finite = nonfinite == 0
     kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), updated, state)
     new_state = {**kept, "step": state["step"] + 1}
-    return new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32)}
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "skipped": (~finite).astype(jnp.int32),
+                       "nonfinite": nonfinite}
 
   return jax.jit(step, in_shardings=(shardings, frozen_shardings, batch_sharding(mesh)),
                  out_shardings=(shardings, scalar), donate_argnums=(0,) if donate else ())

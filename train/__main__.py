@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -109,6 +110,10 @@ def _main(argv: list[str]) -> None:
     train.main(_CONFIG.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
   except ValueError as e:
     sys.exit(f"error: {e}")
+  except KeyboardInterrupt:  # before the training loop (which saves on SIGINT), or Ctrl-C pressed twice
+    print("interrupted: nothing new was saved; the checkpoints already in config.workdir are kept and the same "
+          "command resumes from the newest.", file=sys.stderr)
+    sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import peftjax as pj
 from peftjax import assets, checkpoint, distributed, interop, sharding
 from peftjax.models import gguf, hf_io
 
-from train import data, methods, run_record, steps, tasks, validate
+from train import data, divergence, methods, preemption, run_record, steps, tasks, validate
 
 RANDOM_MODELS = ("", "random")
 ASSET = "asset:"
@@ -305,11 +305,7 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   if jax.process_index() == 0:
     run_record.write(workdir, config)  # creates the workdir: nothing is left there by a config error
   manager = checkpoint.manager(f"{workdir}/checkpoints", max_to_keep=config.keep_checkpoints)
-  try:
-    restored = checkpoint.restore(manager, sharding.abstract(state, shardings["state"]))
-  except ValueError as e:
-    raise ValueError(f"the checkpoint in {workdir!r} does not fit this config (another model, task or method "
-                     f"setting?); use a new config.workdir ({e}).") from e
+  restored = checkpoint.restore(manager, sharding.abstract(state, shardings["state"]))  # newest intact step
   if restored is not None:
     state, position = restored
   start_step = int(distributed.to_host(state["step"]))
@@ -326,23 +322,30 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   pending, start_time = [], time.perf_counter()
   last_log = start_time
   progress = tqdm.tqdm(total=config.steps, initial=min(start_step, config.steps), desc="train", unit="step")
-  for step in range(start_step + 1, config.steps + 1):
-    chosen, position = next(indices)
-    state, metrics = train_step(state, frozen, distributed.load_local(train_data, chosen, batch_sharding))
-    pending.append(metrics)
-    progress.update(1)
-    if step % config.log_every == 0 or step == config.steps:
-      now = time.perf_counter()
-      summary = _train_summary(_host(pending), float(schedule(step - 1)), now - last_log)
-      pending, last_log = [], now
-      progress.set_postfix(loss=f"{summary['loss']:.4f}", lr=f"{summary['learning_rate']:.2e}")
-      _log(writer, "train", step, summary)
-    if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-      metrics = evaluate(state["trainable"], frozen, eval_data)
-      progress.write(_metrics_line(step, metrics))
-      _log(writer, "eval", step, metrics)
-    if step % config.checkpoint_every == 0 or step == config.steps:
-      checkpoint.save(manager, step, state, position)
+  guard = divergence.Guard(config)
+  with contextlib.closing(manager), preemption.Signals() as signals:
+    for step in range(start_step + 1, config.steps + 1):
+      chosen, position = next(indices)
+      state, metrics = train_step(state, frozen, distributed.load_local(train_data, chosen, batch_sharding))
+      if skipped := guard.observe(step, metrics):
+        progress.write(skipped)
+      pending.append(metrics)
+      progress.update(1)
+      if step % config.log_every == 0 or step == config.steps:
+        now = time.perf_counter()
+        summary = _train_summary(_host(pending), float(schedule(step - 1)), now - last_log)
+        pending, last_log = [], now
+        progress.set_postfix(loss=f"{summary['loss']:.4f}", lr=f"{summary['learning_rate']:.2e}")
+        _log(writer, "train", step, summary)
+      if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+        metrics = evaluate(state["trainable"], frozen, eval_data)
+        progress.write(_metrics_line(step, metrics))
+        _log(writer, "eval", step, metrics)
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        checkpoint.save(manager, step, state, position)
+      if signum := signals.received():
+        progress.close()
+        preemption.save_and_exit(manager, step, state, position, signum)
   progress.close()
   train_seconds = time.perf_counter() - start_time
 
@@ -352,8 +355,6 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   _log(writer, "eval", final_step, after)
   if writer is not None:
     writer.close()
-  manager.wait_until_finished()
-  manager.close()
   if config.method == "adalora":
     print(f"AdaLoRA keeps {methods.kept_ranks(state['method_state'])} singular values")
   written = export(workdir, model, frozen, state["trainable"], method_cfg, tokenizer, config, shardings["frozen"],

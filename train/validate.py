@@ -22,7 +22,7 @@ import peftjax as pj
 from peftjax import assets, sharding
 from peftjax.models import gguf, hf_io
 
-from train import data, loop, methods, steps, tasks
+from train import data, divergence, loop, methods, steps, tasks
 
 MODEL_HELP = ('a checkpoint folder (config.json + safetensors), a .gguf file, "asset:<package>/<path>", a hub id, '
               'or "random"')
@@ -72,6 +72,7 @@ def check_sections(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.optimizer.learning_rate={config.optimizer.learning_rate} and grad_clip_norm="
                      f"{config.optimizer.grad_clip_norm} must both be positive.")
   _check_scale(config)
+  divergence.check_config(config)
 
 
 def location(key: str, spec: str) -> str:

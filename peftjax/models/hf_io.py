@@ -19,6 +19,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from peftjax import finite
 from peftjax import tree as ptree
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -112,7 +113,10 @@ def state_dict_from_params(params: Any, rename: Callable[[str], str] = hf_key,
 
 
 def write_folder(folder: str, config: dict, state: Mapping[str, np.ndarray], extra_files: Mapping[str, str] = ()) -> None:
-  """Writes config.json + model.safetensors (+ extra text files) atomically: temp folder, then rename."""
+  """Writes config.json + model.safetensors (+ extra text files) atomically: temp folder, then rename.
+
+  A tensor holding NaN or inf is refused (`peftjax.finite`) before anything is written."""
+  finite.check(dict(state), f"the model {os.path.join(folder, SAFE_WEIGHTS)!r}")
   parent = os.path.dirname(os.path.abspath(folder))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
