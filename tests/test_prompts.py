@@ -43,8 +43,16 @@ KINDS = {
     "llama": ("LlamaForCausalLM", transformers.LlamaConfig(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2), "CAUSAL_LM"),
+    # Decoder classifiers read the last token; under prompt tuning (inputs_embeds) the last position, as in peft.
+    "gpt2_seq": ("GPT2ForSequenceClassification", transformers.GPT2Config(
+        vocab_size=101, n_positions=48, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, num_labels=3), "SEQ_CLS"),
+    "llama_seq": ("LlamaForSequenceClassification", transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        num_labels=3), "SEQ_CLS"),
 }
-LEFT_PADDED = ("llama",)  # the other kinds get right padding
+LEFT_PADDED = ("llama", "llama_seq")  # the other kinds get right padding
 
 
 def _torch_model(kind: str):
@@ -157,7 +165,7 @@ def _compare(kind: str, checkpoints, cfg) -> tuple[float, np.ndarray, np.ndarray
   torch_model = _peft_model(kind, cfg, adapters)
   theirs = _torch_outputs(torch_model, batch)
   plain = np.asarray(model.apply({"params": params}, **batch))
-  head = ptree.count(params.get("classifier", {}))  # peft trains the classification head too (modules_to_save)
+  head = ptree.count({k: params[k] for k in ("classifier", "score") if k in params})  # peft trains it too
   assert torch_model.get_nb_trainable_parameters()[0] == ptree.count(adapters) + head
   if hasattr(pj.api.method_module(cfg), "fold"):
     plain_cfg, folded = pj.api.method_module(cfg).fold(cfg, adapters)
@@ -184,7 +192,8 @@ METHODS = {
 
 CASES = [(kind, method) for kind in ("bert_seq", "t5", "gpt2", "llama") for method in ("prompt", "prefix", "p_v2")] + [
     ("bert_seq", "p_mlp"), ("llama", "p_mlp"), ("t5", "p_lstm"), ("gpt2", "p_lstm"), ("bert_tok", "p_v2"),
-    ("bert_tok", "prompt"), ("roberta_seq", "prompt"), ("roberta_seq", "prefix")]
+    ("bert_tok", "prompt"), ("roberta_seq", "prompt"), ("roberta_seq", "prefix"), ("gpt2_seq", "prompt"),
+    ("gpt2_seq", "prefix"), ("gpt2_seq", "p_mlp"), ("llama_seq", "prompt"), ("llama_seq", "p_v2")]
 
 
 @pytest.mark.parametrize("kind,method", CASES)
