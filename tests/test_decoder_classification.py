@@ -19,6 +19,8 @@ from peftjax import tree as ptree
 from peftjax.methods import modules_to_save
 from peftjax.models import gpt2, llama
 
+from tiny_models import perturb_torch  # tests/ is on sys.path under pytest
+
 PAD = 0
 LABELS = ("negative", "neutral", "positive")
 # kind -> (transformers class name, config arguments)
@@ -44,16 +46,7 @@ def _torch_classifier(kind: str, pad_token_id: int | None = PAD):
   config = getattr(transformers, name.replace("ForSequenceClassification", "Config"))(
       **arguments, pad_token_id=pad_token_id, id2label=dict(enumerate(LABELS)))
   torch.manual_seed(0)
-  model = getattr(transformers, name)(config)
-  with torch.no_grad():
-    for param_name, param in model.named_parameters():
-      if "norm" in param_name.lower() or ".ln_" in param_name:
-        param.uniform_(0.5, 1.5)
-      elif param_name.endswith("bias"):
-        param.normal_(0.0, 0.1)
-      elif "embed" not in param_name and "wte" not in param_name and "wpe" not in param_name:
-        param.normal_(0.0, 0.15)
-  return model.eval()
+  return perturb_torch(getattr(transformers, name)(config))
 
 
 @pytest.fixture(scope="module")

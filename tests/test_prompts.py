@@ -21,6 +21,7 @@ from peftjax.methods import p_tuning, prefix_tuning, prompt_tuning
 from peftjax.models import gpt2, llama, t5
 
 from compare import assert_same_tokens  # tests/ is on sys.path under pytest
+from tiny_models import perturb_torch
 
 K = 4  # virtual tokens
 # kind -> (transformers class, config, peft task type)
@@ -59,17 +60,7 @@ def _torch_model(kind: str):
   """Random transformers model (seed 0) with uneven norms, visible biases and weights that move the residual."""
   name, config, _ = KINDS[kind]
   torch.manual_seed(0)
-  model = getattr(transformers, name)(config)
-  with torch.no_grad():
-    for param_name, param in model.named_parameters():
-      if "norm" in param_name.lower() or ".ln_" in param_name:
-        param.uniform_(0.5, 1.5)
-      elif param_name.endswith("bias"):
-        param.normal_(0.0, 0.1)
-      elif "embed" not in param_name and "wte" not in param_name and "wpe" not in param_name and \
-          "shared" not in param_name:
-        param.normal_(0.0, 0.15)
-  return model.eval()
+  return perturb_torch(getattr(transformers, name)(config))
 
 
 @pytest.fixture(scope="module")
