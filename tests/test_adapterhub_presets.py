@@ -123,6 +123,7 @@ def test_preset_defaults_follow_adapterhub():
 
 def test_adapterhub_placement_has_no_peft_file():
   _, params = pj.models.from_pretrained(str(REFERENCE / "bert"))
-  cfg = dataclasses.replace(unipelt.UniPeltConfig().prefix, stacks=("decoder",))  # PEFT's stacks, AdapterHub's placement
+  # PEFT's stacks, AdapterHub's placement
+  cfg = dataclasses.replace(unipelt.UniPeltConfig().prefix, stacks=("decoder",))
   with pytest.raises(interop.NoPeftFormatError, match=r"shift_positions=False \(AdapterHub's placement\) has no"):
     interop.adapter_files(cfg, pj.init(cfg, jax.random.key(0), params), task_type="FEATURE_EXTRACTION")

@@ -83,7 +83,8 @@ def _max_diff(a, b) -> float:
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_logits_match_transformers_on_both_padding_sides(checkpoints, kind):
   model, params = pj.models.from_pretrained(checkpoints(kind))
-  assert isinstance(model, gpt2.GPT2ForSequenceClassification if kind == "gpt2" else llama.LlamaForSequenceClassification)
+  expected = gpt2.GPT2ForSequenceClassification if kind == "gpt2" else llama.LlamaForSequenceClassification
+  assert isinstance(model, expected)
   assert (model.num_labels, model.config.id2label, model.config.pad_token_id) == (3, LABELS, PAD)
   torch_model = _torch_classifier(kind)
   scanned, scanned_params = pj.models.from_pretrained(checkpoints(kind), scan_layers=True, remat=True)

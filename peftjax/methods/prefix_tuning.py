@@ -4,9 +4,9 @@ Each attention layer attends to k extra key/value positions before the tokens (t
 hooks): always attended, with the tokens' positions shifted by k, as Hugging Face PEFT passes them
 through past_key_values.  With `shift_positions=False` (AdapterHub's placement, which adds the prefixes inside
 attention: the MAM and UniPELT presets) the tokens keep the positions they have without prefixes (BERT /
-RoBERTa's embeddings, GPT-2's wpe, Llama's rotary angles); T5's relative position bias keeps PEFT's placement.  The prefixes of all layers form one table (k, layers * 2 * width), width =
-the key projection's output size (kv heads * head_dim); layer i's keys are columns block 2i and its
-values block 2i + 1, PEFT's layout.
+RoBERTa's embeddings, GPT-2's wpe, Llama's rotary angles); T5's relative position bias keeps PEFT's placement.
+The prefixes of all layers form one table (k, layers * 2 * width), width = the key projection's output size
+(kv heads * head_dim); layer i's keys are columns block 2i and its values block 2i + 1, PEFT's layout.
 
 `PrefixTuningConfig` trains the table through PEFT's PrefixEncoder reparameterisation
 (``prefix_projection=True``): an embedding (k, width) and ``transform`` = Linear(width, h), tanh,
