@@ -50,6 +50,9 @@ def files(cfg, adapters: dict, task_type: str | None) -> tuple[dict, dict[str, n
     if cfg.stacks != ("decoder",):
       raise NoPeftFormatError(f"{name}.stacks={cfg.stacks!r} has no Hugging Face PEFT equivalent (PEFT puts prefixes "
                               "in the decoder of encoder-decoders); valid: ('decoder',).")
+    if not cfg.shift_positions:
+      raise NoPeftFormatError(f"{name}.shift_positions=False (AdapterHub's placement) has no Hugging Face PEFT "
+                              "equivalent (PEFT shifts the tokens' positions by the prefix length); valid: True.")
     table = prefix_tuning.prefix_table(cfg, adapters)
     config |= {"peft_type": "PREFIX_TUNING", "prefix_projection": cfg.projection, "token_dim": None,
                "encoder_hidden_size": cfg.encoder_hidden_size, "init_weights": None,

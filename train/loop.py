@@ -1,7 +1,8 @@
 """`main(config)`: fine-tune a model of any family (T5, BERT/RoBERTa, GPT-2, Llama) with any method, resumably.
 
 config.family picks the model module and its task adapter (`train.tasks`: sequence-to-sequence LM,
-sequence classification, causal LM); config.method picks the method (`train.methods`).
+sequence classification, causal LM; config.task_type="sequence_classification" gives GPT-2 / Llama a classifier
+head); config.method picks the method (`train.methods`).
 
 workdir layout: config.json (the run's settings and its finished step: `train.run_record`), checkpoints/<step>/
 (Orbax: train state + data position), tensorboard/ (event files), merged/ (the model with the method folded in +
@@ -110,7 +111,7 @@ def load_model(config: ml_collections.ConfigDict, num_labels: int = 2):
 
   The tokenizer is config.tokenizer, else the checkpoint's own, else the family's default.
   """
-  family = tasks.FAMILIES[config.family]
+  family = tasks.family(config)
   if config.model in RANDOM_MODELS:
     model = family.random_model(config.model_shape.to_dict(), num_labels)
     params = family.module.init_params(model, jax.random.fold_in(jax.random.key(config.seed), 0))
@@ -129,6 +130,7 @@ def load_model(config: ml_collections.ConfigDict, num_labels: int = 2):
   tokenizer = load_tokenizer(tokenizer_path)
   if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
+  model = family.with_pad_token(model, tokenizer.pad_token_id)
   if len(tokenizer) > model.config.vocab_size:
     raise ValueError(f"the tokenizer at {tokenizer_path!r} has {len(tokenizer)} tokens but the model's vocab_size is "
                      f"{model.config.vocab_size}; use its own tokenizer or a larger config.model_shape.vocab_size.")
@@ -217,7 +219,7 @@ def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config
   PEFT has (with AdaLoRA's rank pattern from `method_state`), else an Orbax tree of the trained leaves.  A method
   that cannot be folded into the weights (bottleneck adapters, prompts) gets no merged folder.  Every process
   takes part in gathering the sharded trees; process 0 writes the files."""
-  family = tasks.FAMILIES[config.family]
+  family = tasks.family(config)
   writer = jax.process_index() == 0
   written = []
   if method_cfg is not None:
@@ -274,7 +276,7 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
     print(f"the run in {workdir} finished at step {finished} and wrote its files there; nothing was rewritten "
           "(raise config.steps to train on).")
     return {"start_step": finished, "final_step": finished, "finished": True, "workdir": workdir, "config": config}
-  task = tasks.FAMILIES[config.family].task
+  task = tasks.family(config).task
   train_set, held_out = data.split(data.load_task(task.kind, config.task), config.eval_examples,
                                    config.train_examples)
   num_labels = 1 + max(label for _, label in train_set + held_out) if task is tasks.SequenceClassification else 0

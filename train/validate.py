@@ -52,7 +52,7 @@ def check_sections(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError (one sentence naming the key and what is valid) for a bad top-level value or section."""
   if config.family not in tasks.FAMILIES:
     raise ValueError(f"config.family={config.family!r} is not a known model family; valid: {sorted(tasks.FAMILIES)}.")
-  task = tasks.FAMILIES[config.family].task
+  task = tasks.family(config).task
   data.check_task(task.kind, config.task)
   methods.check(config)
   if config.optimizer.decay not in steps.DECAYS:
@@ -106,7 +106,7 @@ def location(key: str, spec: str) -> str:
 def abstract_model(config: ml_collections.ConfigDict, path: str | None):
   """(model, parameter shapes) of config.model at `path` (None: the random model): built from config.json or the
   GGUF metadata, with `jax.eval_shape` of the init (no weights read)."""
-  family = tasks.FAMILIES[config.family]
+  family = tasks.family(config)
   if path is None:
     try:
       model = family.random_model(config.model_shape.to_dict(), 2)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import warnings
 from typing import Any, ClassVar, Mapping, NamedTuple
 
 import flax.linen as nn
@@ -109,17 +108,13 @@ class BertConfig:
         raise ValueError(f"config.json {key}=True is not supported; {cls.__name__} describes encoders only.")
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in names and k != "id2label"}
-    if hf.get("id2label"):
-      labels = {int(i): label for i, label in hf["id2label"].items()}
-      kwargs["id2label"] = tuple(labels[i] for i in range(len(labels)))
-    return cls(**kwargs)
+    return cls(**kwargs, id2label=hf_io.id2label_from_hf(hf))
 
   def to_hf(self, architecture: str | None = None) -> dict:
     """A config.json dict transformers accepts; `architecture` defaults to the base model (BertModel)."""
     hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "id2label"}
     if self.id2label:
-      hf["id2label"] = {str(i): label for i, label in enumerate(self.id2label)}
-      hf["label2id"] = {label: i for i, label in enumerate(self.id2label)}
+      hf.update(hf_io.label_fields(self.id2label, len(self.id2label)))
     architecture = architecture or type(self).__name__.removesuffix("Config") + "Model"
     return {**hf, "model_type": self.model_type, "architectures": [architecture]}
 
@@ -507,21 +502,10 @@ def load(path_or_hub_id: str, config_cls: type, architectures: Mapping[str, type
       return f"{base}.{key}"
     return key
 
-  abstract = ptree.flatten(jax.eval_shape(functools.partial(init_params, model), jax.random.key(0)))
-  head = ("classifier/", f"{base}/pooler/")
-  new = sorted(p for p in abstract if p.startswith(head) and rename(p) not in state)
-  params = hf_io.params_from_state_dict(state, ptree.unflatten({p: s for p, s in abstract.items() if p not in new}),
-                                        rename=rename, dtype=dtype)
-  if new:  # a task head the checkpoint lacks: transformers' init (normal(initializer_range) weights, zero biases)
-    warnings.warn(f"{type(model).__name__}: {[rename(p) for p in new]} are not in the checkpoint and were newly "
-                  "initialised; train them before use.")
-    keys = jax.random.split(jax.random.key(0) if rng is None else rng, len(new))
-    flat = ptree.flatten(params)
-    for path, key in zip(new, keys):
-      spec = abstract[path]
-      flat[path] = (jax.random.normal(key, spec.shape, dtype) * config.initializer_range
-                    if path.endswith("/kernel") else jnp.zeros(spec.shape, dtype))
-    params = ptree.unflatten(flat)
+  abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+  # a task head the checkpoint lacks gets transformers' init
+  params = hf_io.params_with_new_head(state, abstract, ("classifier/", f"{base}/pooler/"), type(model).__name__,
+                                      config.initializer_range, rng, rename=rename, dtype=dtype)
   if scan_layers or remat:
     model = model.clone(scan_layers=scan_layers, remat=remat)
   return model, stack_layers(params) if scan_layers else params
