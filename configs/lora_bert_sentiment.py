@@ -21,7 +21,7 @@ Any field can also be overridden, e.g. `--config.method=ia3`, `--config.lora.ran
 
 import ml_collections
 
-from train import loop
+from train import data_files, loop
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -40,6 +40,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.compute_dtype = "float32"  # or "bfloat16" (activations; config.scale.frozen_dtype sets the stored weights)
 
   config.task = "rotten_tomatoes"
+  # Or your own data: a .csv/.tsv/.json/.jsonl/.parquet file, a Dataset.save_to_disk folder or a hub
+  # 'ID:SPLIT'; config.data names its columns (text/label, source/target, prompt/completion, messages).
+  config.data = data_files.data_config()
   config.eval_examples = 1000
   config.train_examples = 0        # 0: the other 7,530 sentences
   config.max_length = 48           # tokens; covers 95% of the sentences whole
@@ -65,6 +68,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.checkpoint_every = 150
   config.keep_checkpoints = 1
   config.workdir = "workdir/lora_bert_sentiment" + "".join(f"_{o}" for o in sorted(options))
+  config.export_merged = False     # also write workdir/merged (a full copy); later: python -m train.merge
   config.seed = 0
 
   # Scale: the same run on one CPU, several devices or processes, a GPU or a TPU pod: mesh shape, logical-axis

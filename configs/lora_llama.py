@@ -15,7 +15,7 @@ Any field can be overridden, e.g. `--config.method=ia3`, `--config.lora.targets=
 
 import ml_collections
 
-from train import loop
+from train import data_files, loop
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.compute_dtype = "float32"  # or "bfloat16" (activations; config.scale.frozen_dtype sets the stored weights)
 
   config.task = "imdb"             # or "bbc_news"
+  # Or your own data: a .csv/.tsv/.json/.jsonl/.parquet file, a Dataset.save_to_disk folder or a hub
+  # 'ID:SPLIT'; config.data names its columns (text/label, source/target, prompt/completion, messages).
+  config.data = data_files.data_config()
   config.eval_examples = 64
   config.train_examples = 2000
   config.max_length = 64           # tokens per review (its beginning)
@@ -51,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 50
   config.keep_checkpoints = 1
   config.workdir = "workdir/lora_llama"
+  config.export_merged = False     # also write workdir/merged (a full copy); later: python -m train.merge
   config.seed = 0
 
   # Scale: the same run on one CPU, several devices or processes, a GPU or a TPU pod: mesh shape, logical-axis

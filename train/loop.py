@@ -4,11 +4,12 @@ config.family picks the model module and its task adapter (`train.tasks`: sequen
 sequence classification, causal LM); config.method picks the method (`train.methods`).
 
 workdir layout: checkpoints/<step>/ (Orbax: train state + data position), tensorboard/ (event
-files), merged/ (the model with the method folded in + tokenizer, a Hugging Face folder; not for bottleneck
-adapters and prompt / prefix methods, which do not fold into the weights), adapter/ (a Hugging Face PEFT
-folder, modules_to_save included, for every method PEFT has: LoRA, DoRA, AdaLoRA, IA3 and the prompt family;
-an Orbax tree of the trained leaves for the others) and, for a randomly initialised model, base/ (the frozen
-base the adapter applies to).
+files), merged/ (the model with the method folded in + tokenizer, a Hugging Face folder, written when
+config.export_merged is on or for full fine-tuning; not for bottleneck adapters and prompt / prefix methods, which do
+not fold into the weights; `python -m train.merge` writes it later), run.json (`train.run_record`), adapter/ (a
+Hugging Face PEFT folder, modules_to_save included, for every method PEFT has: LoRA, DoRA, AdaLoRA, IA3 and the
+prompt family; an Orbax tree of the trained leaves for the others) and, for a randomly initialised model, base/
+(the frozen base the adapter applies to).
 
 Scale (config.scale): the same run goes from one CPU to a TPU pod.  `main` first joins a multi-process job
 when asked (`peftjax.distributed.initialize`), builds the (data, fsdp, tensor) device mesh, places the
@@ -21,6 +22,7 @@ may be a gs:// path: checkpoints go there directly, exports are written locally 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import time
@@ -38,7 +40,7 @@ import peftjax as pj
 from peftjax import assets, checkpoint, distributed, interop, sharding
 from peftjax.models import gguf, hf_io
 
-from train import data, methods, steps, tasks
+from train import data, data_files, methods, run_record, steps, tasks
 
 RANDOM_MODELS = ("", "random")
 ASSET = "asset:"
@@ -99,7 +101,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.family not in tasks.FAMILIES:
     raise ValueError(f"config.family={config.family!r} is not a known model family; valid: {sorted(tasks.FAMILIES)}.")
   task = tasks.FAMILIES[config.family].task
-  data.check_task(task.kind, config.task)
+  data_files.check_task(task.kind, config.task)
   methods.check(config)
   if config.optimizer.decay not in steps.DECAYS:
     raise ValueError(f"config.optimizer.decay={config.optimizer.decay!r} is not a known schedule; "
@@ -248,8 +250,9 @@ def _train_summary(metrics: list[dict], learning_rate: float, seconds: float) ->
 
 def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config, frozen_shardings,
            method_state=None) -> list[str]:
-  """Writes workdir/merged (+ tokenizer) and, for a method with adapters, workdir/adapter (+ workdir/base for a
-  random model); returns the folder names written.  The adapter is a Hugging Face PEFT folder for every method
+  """Writes, for a method with adapters, workdir/adapter (+ workdir/base for a random model) and, when
+  config.export_merged is on (always for full fine-tuning), workdir/merged (+ tokenizer); returns the folder names
+  written.  The adapter is a Hugging Face PEFT folder for every method
   PEFT has (with AdaLoRA's rank pattern from `method_state`), else an Orbax tree of the trained leaves.  A method
   that cannot be folded into the weights (bottleneck adapters, prompts) gets no merged folder.  Every process
   takes part in gathering the sharded trees; process 0 writes the files."""
@@ -277,6 +280,11 @@ def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config
       with output_folder(workdir, "adapter") as folder:
         if writer:
           interop.write_folder(folder, *files)
+  if method_cfg is not None and not config.get("export_merged", False):
+    if writer and methods.mergeable(method_cfg):
+      print(f"no {workdir}/merged (config.export_merged is off); `python -m train.merge --workdir {workdir} "
+            "--output DIR` writes the merged model")
+    return written
   if not methods.mergeable(method_cfg):
     if writer:
       print(f"config.method={config.method!r} cannot be folded into the weights, so there is no {workdir}/merged; "
@@ -304,10 +312,15 @@ def main(config: ml_collections.ConfigDict) -> dict:
   if not _remote(workdir):
     os.makedirs(workdir, exist_ok=True)
   task = tasks.FAMILIES[config.family].task
-  train_set, held_out = data.split(data.load_task(task.kind, config.task), config.eval_examples,
-                                   config.train_examples)
-  num_labels = 1 + max(label for _, label in train_set + held_out) if task is tasks.SequenceClassification else 0
+  loaded = data_files.load(config, task.kind, workdir)
+  train_set, held_out = loaded.train, loaded.held_out
+  num_labels = (len(loaded.label_names) if loaded.label_names else 1 + max(label for _, label in train_set + held_out)
+                ) if task is tasks.SequenceClassification else 0
   model, params, tokenizer = load_model(config, num_labels)
+  if loaded.label_names and hasattr(model.config, "id2label"):  # the exported config.json names the labels
+    model = model.clone(config=dataclasses.replace(model.config, id2label=tuple(loaded.label_names)))
+  if not _remote(workdir) and jax.process_index() == 0:
+    run_record.save(workdir, config, loaded.label_names, num_labels)
   train_data = task.tokenize(tokenizer, train_set, config)
   eval_data = task.tokenize(tokenizer, held_out, config)
   print(f"task {config.task}: {len(train_set)} training and {len(held_out)} held-out examples")
