@@ -60,8 +60,10 @@ def test_training_on_a_csv_equals_the_built_in_task_then_predict_and_merge(tmp_p
   path = reviews_csv(tmp_path / "reviews.csv")
   built_in = train.main(bert_config(tmp_path / "built_in"))
   result = train.main(bert_config(tmp_path / "csv", task=path))
-  assert result["after"]["accuracy"] == built_in["after"]["accuracy"] > 0.55
+  # The same examples, split and seeded order: the same run (a tiny random base learns little in 20 steps).
+  assert result["after"]["accuracy"] == built_in["after"]["accuracy"]
   np.testing.assert_allclose(result["after"]["loss"], built_in["after"]["loss"], atol=1e-6)
+  assert result["after"]["loss"] < result["before"]["loss"]
   workdir = tmp_path / "csv"
   assert not (workdir / "merged").exists()  # config.export_merged is off by default
   with open(workdir / "base" / "config.json") as f:
@@ -81,7 +83,8 @@ def test_training_on_a_csv_equals_the_built_in_task_then_predict_and_merge(tmp_p
   merge.merge(str(workdir), str(tmp_path / "merged"))
   with open(tmp_path / "merged" / "config.json") as f:
     assert json.load(f)["id2label"] == {"0": "negative", "1": "positive"}
-  merged = predict.predict(inference.load(str(tmp_path / "merged")), texts, batch_size=4)
+  merged = predict.predict(inference.from_model_folder(str(tmp_path / "merged"), lengths=loaded.lengths), texts,
+                           batch_size=4)
   np.testing.assert_allclose([r["logits"] for r in merged], direct, atol=1e-5, rtol=0)
 
   # The command line writes one JSONL line per input row.

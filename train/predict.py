@@ -60,8 +60,9 @@ def prompt_ids(loaded: inference.Loaded, example) -> list[int]:
     text = instruct.chat_prompt(tokenizer, example.messages, instruct.template(tokenizer, loaded.data))
     return tokenizer(text, add_special_tokens=False)["input_ids"]
   limit = loaded.lengths.get("source_length" if loaded.task is tasks.Seq2SeqLM else "max_length")
-  ids = tokenizer(example)["input_ids"]
-  return ids[:limit] if limit and loaded.task is not tasks.CausalLM else ids
+  if not limit or loaded.task is tasks.CausalLM:  # a prompt to continue: whole
+    return tokenizer(example)["input_ids"]
+  return tokenizer(example, max_length=limit, truncation=True)["input_ids"]
 
 
 def pad(rows: list[list[int]], pad_id: int, left: bool, length: int = 0) -> tuple[np.ndarray, np.ndarray]:
