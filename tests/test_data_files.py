@@ -12,6 +12,9 @@ import sys
 import numpy as np
 import pytest
 
+import peftjax as pj
+from peftjax.models import llama
+
 import train
 from train import data, data_files, inference, instruct, loop, merge, predict, tasks
 
@@ -146,3 +149,67 @@ def test_bad_rows_give_one_sentence_naming_file_row_and_column(tmp_path):
   with pytest.raises(ValueError, match=r"config\.task='reviews' is not a known task for a sequence_classification "
                                        r"model; valid: \['rotten_tomatoes'\], or a \.csv/"):
     data_files.check_task("sequence_classification", "reviews")
+
+
+SYSTEM = "Write the headline of this news article."
+
+
+def bbc_chats(count: int) -> list[dict]:
+  """BBC News as chat rows: the system asks for a headline, the user gives the article's first 30 words, the
+  assistant answers with its headline."""
+  rows = []
+  for headline, body in data._bbc_articles()[:count]:  # noqa: SLF001 (the same articles as the built-in tasks)
+    rows.append({"messages": [{"role": "system", "content": SYSTEM},
+                              {"role": "user", "content": " ".join(body.split()[:30])},
+                              {"role": "assistant", "content": headline}]})
+  return rows
+
+
+def write_jsonl(path, rows: list[dict]) -> str:
+  with open(path, "w", encoding="utf-8") as f:
+    f.writelines(json.dumps(row) + "\n" for row in rows)
+  return str(path)
+
+
+@pytest.mark.slow
+def test_chat_instruction_tuning_on_smollm2_masks_the_prompt_and_predicts(tmp_path):
+  rows = bbc_chats(72)
+  path = write_jsonl(tmp_path / "headlines.jsonl", rows)
+  config = test_train.load_config("lora_llama", workdir=str(tmp_path / "run"), task=path, max_length=96,
+                                  batch_size=4, steps=12, eval_examples=8, train_examples=0, log_every=6,
+                                  checkpoint_every=12, **{"data.messages_column": "messages",
+                                                          "optimizer.learning_rate": 2e-3,
+                                                          "optimizer.warmup_steps": 2})
+  # The label mask, exactly: every prompt token (system, user, the assistant header) is -100, every token of the
+  # assistant's turn (its headline and end-of-turn marker) is a target, padding is -100.
+  tokenizer = loop.load_tokenizer(loop.resolve(config.model))
+  tokenized = tasks.CausalLM.tokenize(tokenizer, [data_files.Chat(tuple(r["messages"])) for r in rows[:8]], config)
+  for row, r in enumerate(rows[:8]):
+    prompt = tokenizer.apply_chat_template(r["messages"][:2], tokenize=False, add_generation_prompt=True)
+    full = tokenizer(tokenizer.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)
+    n_prompt, ids = len(tokenizer(prompt, add_special_tokens=False)["input_ids"]), full["input_ids"]
+    assert len(ids) < config.max_length
+    np.testing.assert_array_equal(tokenized["input_ids"][row, :len(ids)], ids)
+    labels = tokenized["labels"][row]
+    assert (labels[:n_prompt] == data.IGNORE).all() and (labels[len(ids):] == data.IGNORE).all()
+    np.testing.assert_array_equal(labels[n_prompt:len(ids)], ids[n_prompt:])
+    assert tokenizer.decode(ids[n_prompt:]).strip() == r["messages"][2]["content"] + "<|im_end|>"
+
+  result = train.main(config)
+  assert result["after"]["loss"] < result["before"]["loss"] - 0.3
+
+  # predict: greedy headlines for new articles (the assistant turn dropped), token for token what the merged
+  # weights generate.
+  loaded = inference.load(str(tmp_path / "run"))
+  chats = predict.read_inputs(loaded, write_jsonl(tmp_path / "new.jsonl", bbc_chats(75)[72:]))
+  assert all(c.messages[-1]["role"] == "user" for c in chats)
+  records = predict.predict(loaded, chats, batch_size=3, max_new_tokens=12)
+  assert all(r["generated"].strip() for r in records)
+  prompts = [predict.prompt_ids(loaded, c) for c in chats]
+  ids, mask = predict.pad(prompts, tokenizer.pad_token_id, left=True)
+  merged = pj.merge(loaded.method_cfg, loaded.params, loaded.adapters)
+  tokens = np.asarray(llama.generate(loaded.model, merged, ids, mask, max_new_tokens=12,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+  expected = [tokenizer.decode(t[:list(t).index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in t else t,
+                               skip_special_tokens=True) for t in tokens.tolist()]
+  assert [r["generated"] for r in records] == expected
