@@ -46,6 +46,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.eval_examples = 1000
   config.train_examples = 0        # 0: the other 7,530 sentences
   config.max_length = 48           # tokens; covers 95% of the sentences whole
+  config.buckets = ()              # shorter batch lengths, e.g. (16, 32): a batch runs at the shortest
+  # that holds its rows (one compile each; max_length is the last); (): every batch at max_length
 
   config.method = "full" if "full" in options else "lora"  # or "dora", "ia3", "bitfit"
   # LoRA (and DoRA) targets: names separated by commas, "all-linear", or a regex over module paths.

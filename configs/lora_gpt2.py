@@ -35,6 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_examples = 200
   config.train_examples = 5000
   config.max_length = 64           # tokens per review (its beginning)
+  config.buckets = ()              # shorter batch lengths, e.g. (16, 32): a batch runs at the shortest
+  # that holds its rows (one compile each; max_length is the last); (): every batch at max_length
 
   config.method = "lora"           # or "dora", "ia3", "bitfit", "full"
   # The random model's default also adapts lm_head: a frozen *random* head keeps every next-token distribution near

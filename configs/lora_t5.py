@@ -42,6 +42,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_examples = 0        # 0: every remaining example
   config.source_length = 64        # tokens; longer inputs are truncated, shorter ones padded
   config.target_length = 4         # tokens including the end-of-sequence token; also the generation length
+  config.buckets = ()              # shorter batch lengths, e.g. (16, 32): a batch runs at the shortest
+  # that holds its rows (one compile each; source_length is the last); (): every batch at source_length
 
   config.method = "lora"           # or "dora" (reads config.lora too), "ia3", "full" (every parameter trains)
   # targets: "all-linear" (every linear layer but the output head), names separated by commas ("q,v"), or a

@@ -40,7 +40,7 @@ import peftjax as pj
 from peftjax import assets, checkpoint, distributed, interop, sharding
 from peftjax.models import gguf, hf_io
 
-from train import data, data_files, methods, run_record, steps, tasks
+from train import buckets, data_files, methods, run_record, steps, tasks
 
 RANDOM_MODELS = ("", "random")
 ASSET = "asset:"
@@ -118,6 +118,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.optimizer.learning_rate={config.optimizer.learning_rate} and grad_clip_norm="
                      f"{config.optimizer.grad_clip_norm} must both be positive.")
   _check_scale(config)
+  buckets.lengths_of(config, task)
 
 
 def make_mesh(config: ml_collections.ConfigDict):
@@ -361,14 +362,15 @@ def main(config: ml_collections.ConfigDict) -> dict:
   print(_metrics_line(start_step, before))
   _log(writer, "eval", start_step, before)
 
-  indices = data.batch_indices(len(train_data["labels"]), config.batch_size, config.seed, position["epoch"],
-                               position["index"])
+  indices = buckets.batches(buckets.row_lengths(train_data), buckets.lengths_of(config, task), config.batch_size,
+                            config.seed, position["epoch"], position["index"])
   pending, start_time = [], time.perf_counter()
   last_log = start_time
   progress = tqdm.tqdm(total=config.steps, initial=min(start_step, config.steps), desc="train", unit="step")
   for step in range(start_step + 1, config.steps + 1):
-    chosen, position = next(indices)
-    state, metrics = train_step(state, frozen, distributed.load_local(train_data, chosen, batch_sharding))
+    chosen, length, position = next(indices)
+    state, metrics = train_step(state, frozen, distributed.load_local(buckets.cut(train_data, length, task), chosen,
+                                                                      batch_sharding))
     pending.append(metrics)
     progress.update(1)
     if step % config.log_every == 0 or step == config.steps:
