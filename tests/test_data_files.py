@@ -143,6 +143,8 @@ def test_bad_rows_give_one_sentence_naming_file_row_and_column(tmp_path):
   with pytest.raises(ValueError, match=r"has no chat template, so the messages column 'messages' cannot be rendered; "
                                        r"set config\.data\.chat_template"):
     instruct.template(bert_tokenizer, data_files.settings(config))
+  with pytest.raises(ValueError, match=r"config\.data has the unknown key 'txt_column'; valid: \['text_column', "):
+    data_files.settings(bert_config(tmp_path, **{"data.txt_column": "review"}))
   # Files and names that are not data.
   with pytest.raises(ValueError, match=r"config\.task='.*missing\.csv': no such file\."):
     data_files.load(bert_config(tmp_path, task=str(tmp_path / "missing.csv")), "sequence_classification", "w")

@@ -65,8 +65,12 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """config.data with DATA_DEFAULTS for the keys it leaves out."""
-  return data_config(**config.get("data", ml_collections.ConfigDict()).to_dict())
+  """config.data with DATA_DEFAULTS for the keys it leaves out; raises naming a key it does not know."""
+  given = config.get("data", ml_collections.ConfigDict()).to_dict()
+  unknown = sorted(set(given) - set(DATA_DEFAULTS))
+  if unknown:
+    raise ValueError(f"config.data has the unknown key {unknown[0]!r}; valid: {list(DATA_DEFAULTS)}.")
+  return data_config(**given)
 
 
 def is_data_spec(task: str) -> bool:
@@ -76,7 +80,7 @@ def is_data_spec(task: str) -> bool:
 
 def check_task(kind: str, task: str) -> None:
   """Raises ValueError unless `task` is a built-in task for models of `kind` or names data."""
-  if task not in data.TASKS[kind] and not is_data_spec(task):
+  if task not in data.TASKS[kind] and not is_data_spec(task):  # a built-in name, a file, a folder or a hub id
     raise ValueError(f"config.task={task!r} is not a known task for a {kind} model; valid: {sorted(data.TASKS[kind])}"
                      f", or a {'/'.join(FORMATS)} file, a saved dataset folder, or a hub dataset 'ID:SPLIT'.")
 

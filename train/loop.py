@@ -102,6 +102,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.family={config.family!r} is not a known model family; valid: {sorted(tasks.FAMILIES)}.")
   task = tasks.FAMILIES[config.family].task
   data_files.check_task(task.kind, config.task)
+  data_files.settings(config)
   methods.check(config)
   if config.optimizer.decay not in steps.DECAYS:
     raise ValueError(f"config.optimizer.decay={config.optimizer.decay!r} is not a known schedule; "
