@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import peftjax as pj
-from peftjax.models import llama
+from peftjax.models import llama, t5
 
 import train
 from train import data, data_files, inference, instruct, loop, merge, predict, tasks
@@ -215,3 +215,23 @@ def test_chat_instruction_tuning_on_smollm2_masks_the_prompt_and_predicts(tmp_pa
   expected = [tokenizer.decode(t[:list(t).index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in t else t,
                                skip_special_tokens=True) for t in tokens.tolist()]
   assert [r["generated"] for r in records] == expected
+
+
+@pytest.mark.slow
+def test_seq2seq_from_a_jsonl_then_predict_greedy_and_sampled(tmp_path):
+  rows = [{"source": f"sst2 sentence: {text}", "target": NAMES[label]}
+          for text, label in data.rotten_tomatoes_labels()[:56]]
+  path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+  result = train.main(test_train.tiny_config(tmp_path / "run", task=path))
+  assert result["after"]["loss"] < result["before"]["loss"] - 0.5
+  loaded = inference.load(str(tmp_path / "run"))
+  sources = predict.read_inputs(loaded, path)[:5]
+  assert sources == [r["source"] for r in rows[:5]]  # the run's source column
+  records = predict.predict(loaded, sources, batch_size=4)  # max_new_tokens: the run's target_length
+  # Greedy text equals what the merged weights generate, token for token.
+  ids, mask = predict.pad([predict.prompt_ids(loaded, s) for s in sources], loaded.tokenizer.pad_token_id, left=False)
+  merged = pj.merge(loaded.method_cfg, loaded.params, loaded.adapters)
+  tokens = np.asarray(t5.generate(loaded.model, merged, ids, mask, max_new_tokens=3))
+  assert [r["generated"] for r in records] == loaded.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+  sampled = [predict.predict(loaded, sources, temperature=1.0, top_k=5, seed=seed) for seed in (1, 1, 2)]
+  assert sampled[0] == sampled[1] and all(isinstance(r["generated"], str) for r in sampled[2])

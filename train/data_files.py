@@ -58,6 +58,10 @@ class Task:
   held_out: list
   label_names: list[str] | None = None
 
+  def num_labels(self) -> int:
+    """A classifier's number of labels: its label names, else 1 + the largest label id."""
+    return len(self.label_names) if self.label_names else 1 + max(label for _, label in self.train + self.held_out)
+
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
   """A config.data section: DATA_DEFAULTS (documented there) with `overrides`."""

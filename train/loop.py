@@ -254,10 +254,10 @@ def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config
            method_state=None) -> list[str]:
   """Writes, for a method with adapters, workdir/adapter (+ workdir/base for a random model) and, when
   config.export_merged is on (always for full fine-tuning), workdir/merged (+ tokenizer); returns the folder names
-  written.  The adapter is a Hugging Face PEFT folder for every method
-  PEFT has (with AdaLoRA's rank pattern from `method_state`), else an Orbax tree of the trained leaves.  A method
-  that cannot be folded into the weights (bottleneck adapters, prompts) gets no merged folder.  Every process
-  takes part in gathering the sharded trees; process 0 writes the files."""
+  written.  The adapter is a Hugging Face PEFT folder for every method PEFT has (with AdaLoRA's rank pattern from
+  `method_state`), else an Orbax tree of the trained leaves.  A method that cannot be folded into the weights
+  (bottleneck adapters, prompts) gets no merged folder.  Every process takes part in gathering the sharded trees;
+  process 0 writes the files."""
   family = tasks.FAMILIES[config.family]
   writer = jax.process_index() == 0
   written = []
@@ -316,8 +316,7 @@ def main(config: ml_collections.ConfigDict) -> dict:
   task = tasks.FAMILIES[config.family].task
   loaded = data_files.load(config, task.kind, workdir)
   train_set, held_out = loaded.train, loaded.held_out
-  num_labels = (len(loaded.label_names) if loaded.label_names else 1 + max(label for _, label in train_set + held_out)
-                ) if task is tasks.SequenceClassification else 0
+  num_labels = loaded.num_labels() if task is tasks.SequenceClassification else 0
   model, params, tokenizer = load_model(config, num_labels)
   if loaded.label_names and hasattr(model.config, "id2label"):  # the exported config.json names the labels
     model = model.clone(config=dataclasses.replace(model.config, id2label=tuple(loaded.label_names)))
