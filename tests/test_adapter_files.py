@@ -20,7 +20,6 @@ import transformers
 
 import peftjax as pj
 from peftjax import adapter_schema, interop
-from peftjax import tree as ptree
 from peftjax.methods import lora
 
 AdapterFormatError = interop.AdapterFormatError

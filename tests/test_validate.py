@@ -125,7 +125,7 @@ def test_rerun_with_other_settings_is_refused_and_a_finished_run_rewrites_nothin
   changed = train.main(tiny_config(tmp_path, steps=3, checkpoint_every=3, **{"lora.alpha": 64.0}),
                        allow_config_change=True)
   assert changed["start_step"] == 3 and json.loads(adapter.read_text())["lora_alpha"] == 64.0
-  assert run_record.read(str(tmp_path))["config"]["lora.alpha"] == 64.0
+  assert run_record.read(str(tmp_path))["config"]["lora"]["alpha"] == 64.0
 
 
 def _cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

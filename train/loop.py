@@ -4,12 +4,13 @@ config.family picks the model module and its task adapter (`train.tasks`: sequen
 sequence classification, causal LM; config.task_type="sequence_classification" gives GPT-2 / Llama a classifier
 head); config.method picks the method (`train.methods`).
 
-workdir layout: config.json (the run's settings and its finished step: `train.run_record`), checkpoints/<step>/
-(Orbax: train state + data position), tensorboard/ (event files), merged/ (the model with the method folded in +
-tokenizer, a Hugging Face folder; not for bottleneck adapters and prompt / prefix methods, which do not fold
-into the weights), adapter/ (a Hugging Face PEFT folder, modules_to_save included, for every method PEFT has:
-LoRA, DoRA, AdaLoRA, IA3 and the prompt family; an Orbax tree of the trained leaves for the others) and, for a
-randomly initialised model, base/ (the frozen base the adapter applies to).
+workdir layout: run.json (the run's settings, label names and finished step: `train.run_record`),
+checkpoints/<step>/ (Orbax: train state + data position), tensorboard/ (event files), merged/ (the model with the
+method folded in + tokenizer, a Hugging Face folder, written when config.export_merged is on or for full
+fine-tuning; not for bottleneck adapters and prompt / prefix methods, which do not fold into the weights;
+`python -m train.merge` writes it later), adapter/ (a Hugging Face PEFT folder, modules_to_save included, for every
+method PEFT has: LoRA, DoRA, AdaLoRA, IA3 and the prompt family; an Orbax tree of the trained leaves for the
+others) and, for a randomly initialised model, base/ (the frozen base the adapter applies to).
 
 Scale (config.scale): the same run goes from one CPU to a TPU pod.  `main` first joins a multi-process job
 when asked (`peftjax.distributed.initialize`), builds the (data, fsdp, tensor) device mesh, places the
@@ -22,6 +23,7 @@ may be a gs:// path: checkpoints go there directly, exports are written locally 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import time
@@ -39,7 +41,7 @@ import peftjax as pj
 from peftjax import assets, checkpoint, distributed, interop, sharding
 from peftjax.models import gguf, hf_io
 
-from train import data, divergence, methods, preemption, run_record, steps, tasks, validate
+from train import buckets, data_files, divergence, methods, preemption, run_record, steps, tasks, validate
 
 RANDOM_MODELS = ("", "random")
 ASSET = "asset:"
@@ -214,11 +216,12 @@ def _train_summary(metrics: list[dict], learning_rate: float, seconds: float) ->
 
 def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config, frozen_shardings,
            method_state=None) -> list[str]:
-  """Writes workdir/merged (+ tokenizer) and, for a method with adapters, workdir/adapter (+ workdir/base for a
-  random model); returns the folder names written.  The adapter is a Hugging Face PEFT folder for every method
-  PEFT has (with AdaLoRA's rank pattern from `method_state`), else an Orbax tree of the trained leaves.  A method
-  that cannot be folded into the weights (bottleneck adapters, prompts) gets no merged folder.  Every process
-  takes part in gathering the sharded trees; process 0 writes the files."""
+  """Writes, for a method with adapters, workdir/adapter (+ workdir/base for a random model) and, when
+  config.export_merged is on (always for full fine-tuning), workdir/merged (+ tokenizer); returns the folder names
+  written.  The adapter is a Hugging Face PEFT folder for every method PEFT has (with AdaLoRA's rank pattern from
+  `method_state`), else an Orbax tree of the trained leaves.  A method that cannot be folded into the weights
+  (bottleneck adapters, prompts) gets no merged folder.  Every process takes part in gathering the sharded trees;
+  process 0 writes the files."""
   family = tasks.family(config)
   writer = jax.process_index() == 0
   written = []
@@ -243,6 +246,11 @@ def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config
       with output_folder(workdir, "adapter") as folder:
         if writer:
           interop.write_folder(folder, *files)
+  if method_cfg is not None and not config.get("export_merged", False):
+    if writer and methods.mergeable(method_cfg):
+      print(f"no {workdir}/merged (config.export_merged is off); `python -m train.merge --workdir {workdir} "
+            "--output DIR` writes the merged model")
+    return written
   if not methods.mergeable(method_cfg):
     if writer:
       print(f"config.method={config.method!r} cannot be folded into the weights, so there is no {workdir}/merged; "
@@ -277,10 +285,12 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
           "(raise config.steps to train on).")
     return {"start_step": finished, "final_step": finished, "finished": True, "workdir": workdir, "config": config}
   task = tasks.family(config).task
-  train_set, held_out = data.split(data.load_task(task.kind, config.task), config.eval_examples,
-                                   config.train_examples)
-  num_labels = 1 + max(label for _, label in train_set + held_out) if task is tasks.SequenceClassification else 0
+  loaded = data_files.load(config, task.kind, workdir)
+  train_set, held_out = loaded.train, loaded.held_out
+  num_labels = loaded.num_labels() if task is tasks.SequenceClassification else 0
   model, params, tokenizer = load_model(config, num_labels)
+  if loaded.label_names and hasattr(model.config, "id2label"):  # the exported config.json names the labels
+    model = model.clone(config=dataclasses.replace(model.config, id2label=tuple(loaded.label_names)))
   train_data = task.tokenize(tokenizer, train_set, config)
   eval_data = task.tokenize(tokenizer, held_out, config)
   print(f"task {config.task}: {len(train_set)} training and {len(held_out)} held-out examples")
@@ -305,7 +315,7 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   position = {"epoch": 0, "index": 0}
 
   if jax.process_index() == 0:
-    run_record.write(workdir, config)  # creates the workdir: nothing is left there by a config error
+    run_record.write(workdir, config, loaded.label_names, num_labels)  # creates the workdir
   manager = checkpoint.manager(f"{workdir}/checkpoints", max_to_keep=config.keep_checkpoints)
   restored = checkpoint.restore(manager, sharding.abstract(state, shardings["state"]))  # newest intact step
   if restored is not None:
@@ -319,16 +329,17 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   print(_metrics_line(start_step, before))
   _log(writer, "eval", start_step, before)
 
-  indices = data.batch_indices(len(train_data["labels"]), config.batch_size, config.seed, position["epoch"],
-                               position["index"])
+  indices = buckets.batches(buckets.row_lengths(train_data), buckets.lengths_of(config, task), config.batch_size,
+                            config.seed, position["epoch"], position["index"])
   pending, start_time = [], time.perf_counter()
   last_log = start_time
   progress = tqdm.tqdm(total=config.steps, initial=min(start_step, config.steps), desc="train", unit="step")
   guard = divergence.Guard(config)
   with contextlib.closing(manager), preemption.Signals() as signals:
     for step in range(start_step + 1, config.steps + 1):
-      chosen, position = next(indices)
-      state, metrics = train_step(state, frozen, distributed.load_local(train_data, chosen, batch_sharding))
+      chosen, length, position = next(indices)
+      batch = distributed.load_local(buckets.cut(train_data, length, task), chosen, batch_sharding)
+      state, metrics = train_step(state, frozen, batch)
       if skipped := guard.observe(step, metrics):
         progress.write(skipped)
       pending.append(metrics)
@@ -363,7 +374,7 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
                    state["method_state"])
   print("wrote " + " and ".join(f"{workdir}/{name}" for name in written))
   if jax.process_index() == 0:
-    run_record.write(workdir, config, final_step)
+    run_record.write(workdir, config, loaded.label_names, num_labels, final_step)
   return {"start_step": start_step, "final_step": final_step, "before": before, "after": after,
           "trainable_parameters": trainable_line, "train_seconds": train_seconds, "state": state,
           "frozen": frozen, "model": model, "method": method_cfg, "config": config, "workdir": workdir,

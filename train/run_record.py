@@ -1,9 +1,9 @@
-"""workdir/config.json: the resolved config that a workdir's checkpoints belong to, and whether that run finished.
+"""workdir/run.json: the resolved config of the run a workdir holds, its label names, and whether it finished.
 
-A rerun into the same workdir resumes its run only with the same settings: `check_rerun` refuses a config that
-differs in any key but those that say how the run is carried out (`HOW_KEYS`, the scale section), naming the
-keys, unless the caller allows the change.  A finished run (its exports written) rerun with no more steps is
-reported as finished and rewrites nothing.
+predict and merge rebuild the model from it (`load`).  A rerun into the same workdir resumes its run only with
+the same settings: `check_rerun` refuses a config that differs in any key but those that say how the run is
+carried out (`HOW_KEYS`, the scale section), naming the keys, unless the caller allows the change.  A finished
+run (its exports written) rerun with no more steps is reported as finished and rewrites nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import ml_collections
 from etils import epath
 
-RECORD = "config.json"
+FILE = "run.json"
 # Keys that change how a run is carried out, not what it computes (steps: a finished run may be extended).
 HOW_KEYS = ("steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "workdir")
 HOW_SECTIONS = ("scale",)
@@ -30,34 +30,45 @@ def _flat(tree: dict, prefix: str = "") -> dict:
   return flat
 
 
-def _settings(config: ml_collections.ConfigDict) -> dict:
-  """{dotted key: JSON value} of `config` (tuples become lists, as they come back from the file)."""
-  return json.loads(json.dumps(_flat(config.to_dict())))
+def _json(config: ml_collections.ConfigDict) -> dict:
+  """`config` as it comes back from the file (tuples become lists)."""
+  return json.loads(json.dumps(config.to_dict()))
 
 
 def read(workdir: str) -> dict | None:
-  """The record of `workdir` ({'config': {dotted key: value}, 'finished_step': int or None}), or None."""
-  path = epath.Path(workdir) / RECORD
+  """The record of `workdir` ({'config', 'label_names', 'num_labels', 'finished_step'}), or None."""
+  path = epath.Path(workdir) / FILE
   return json.loads(path.read_text()) if path.exists() else None
 
 
-def write(workdir: str, config: ml_collections.ConfigDict, finished_step: int | None = None) -> None:
-  """Writes the record (creating the workdir), to a temporary name renamed into place for a local workdir."""
-  text = json.dumps({"config": _settings(config), "finished_step": finished_step}, indent=2, sort_keys=True)
+def write(workdir: str, config: ml_collections.ConfigDict, label_names: list[str] | None = None,
+          num_labels: int = 0, finished_step: int | None = None) -> None:
+  """Writes the record (creating the workdir), to a temporary name renamed into place for a local workdir;
+  num_labels is 0 but for a classifier."""
+  text = json.dumps({"config": _json(config), "label_names": label_names, "num_labels": num_labels,
+                     "finished_step": finished_step}, indent=2, sort_keys=True)
   folder = epath.Path(workdir)
   folder.mkdir(parents=True, exist_ok=True)
   if "://" in workdir:
-    (folder / RECORD).write_text(text)
+    (folder / FILE).write_text(text)
     return
-  tmp = os.path.join(workdir, f".{RECORD}.tmp")
+  tmp = os.path.join(workdir, f".{FILE}.tmp")
   with open(tmp, "w") as f:
     f.write(text)
-  os.replace(tmp, os.path.join(workdir, RECORD))
+  os.replace(tmp, os.path.join(workdir, FILE))
+
+
+def load(workdir: str) -> tuple[ml_collections.ConfigDict, list[str] | None, int]:
+  """(config, label names or None, number of labels) of the run in `workdir`."""
+  record = read(workdir)
+  if record is None:
+    raise ValueError(f"{workdir!r} holds no {FILE}: it is not a peftjax training workdir.")
+  return ml_collections.ConfigDict(record["config"]), record["label_names"], record["num_labels"]
 
 
 def differences(stored: dict, config: ml_collections.ConfigDict) -> list[str]:
   """'config.<key> (<stored> there, <value> now)' for each setting (but the how-keys) that differs."""
-  current = _settings(config)
+  stored, current = _flat(stored), _flat(_json(config))
   keys = sorted(set(stored) | set(current))
   return [f"config.{k} ({stored.get(k, '<absent>')!r} there, {current.get(k, '<absent>')!r} now)" for k in keys
           if stored.get(k) != current.get(k) and k not in HOW_KEYS and k.split(".")[0] not in HOW_SECTIONS]

@@ -19,6 +19,7 @@ import numpy as np
 
 from peftjax.models import bert, gpt2, llama, roberta, t5
 
+from train import instruct
 from train.data import IGNORE
 
 
@@ -104,6 +105,9 @@ class CausalLM:
 
   @staticmethod
   def tokenize(tokenizer, texts, config) -> dict:
+    """Plain texts: every token a label; instruction / chat examples (`train.instruct`): the completion's tokens."""
+    if not isinstance(texts[0], str):
+      return instruct.tokenize(tokenizer, texts, config)
     enc = _encode(tokenizer, texts, config.max_length)
     return {**enc, "labels": np.where(enc["attention_mask"] == 1, enc["input_ids"], IGNORE).astype(np.int32)}
 

@@ -19,10 +19,10 @@ import jax
 import ml_collections
 
 import peftjax as pj
-from peftjax import assets, sharding
+from peftjax import sharding
 from peftjax.models import gguf, hf_io
 
-from train import data, divergence, loop, methods, steps, tasks
+from train import buckets, data_files, divergence, loop, methods, steps, tasks
 
 MODEL_HELP = ('a checkpoint folder (config.json + safetensors), a .gguf file, "asset:<package>/<path>", a hub id, '
               'or "random"')
@@ -53,7 +53,8 @@ def check_sections(config: ml_collections.ConfigDict) -> None:
   if config.family not in tasks.FAMILIES:
     raise ValueError(f"config.family={config.family!r} is not a known model family; valid: {sorted(tasks.FAMILIES)}.")
   task = tasks.family(config).task
-  data.check_task(task.kind, config.task)
+  data_files.check_task(task.kind, config.task)
+  data_files.settings(config)
   methods.check(config)
   if config.optimizer.decay not in steps.DECAYS:
     raise ValueError(f"config.optimizer.decay={config.optimizer.decay!r} is not a known schedule; "
@@ -73,6 +74,7 @@ def check_sections(config: ml_collections.ConfigDict) -> None:
                      f"{config.optimizer.grad_clip_norm} must both be positive.")
   _check_scale(config)
   divergence.check_config(config)
+  buckets.lengths_of(config, task)
 
 
 def location(key: str, spec: str) -> str:
