@@ -38,7 +38,7 @@ def base_config(workdir: str, steps_: int, chosen: tuple[int, ...]):
 
 def step_timer(config):
   """run(length) takes one train step on a batch cut to `length` and waits for it."""
-  task = tasks.FAMILIES[config.family].task
+  task = tasks.family(config).task
   model, params, tokenizer = loop.load_model(config, 2)
   train_data = task.tokenize(tokenizer, data_files.load(config, task.kind, config.workdir).train, config)
   method_cfg, trainable, frozen = loop.trainable_and_frozen(config, model, params, tokenizer)

@@ -96,7 +96,7 @@ def from_model_folder(folder: str, data: ml_collections.ConfigDict | None = None
 def from_workdir(workdir: str) -> Loaded:
   """The model a training run in `workdir` produced (its base and adapter, or merged/ after full fine-tuning)."""
   config, label_names, num_labels = run_record.load(workdir)
-  lengths = {k: config[k] for k in tasks.FAMILIES[config.family].task.length_keys}
+  lengths = {k: config[k] for k in tasks.family(config).task.length_keys}
   if config.method == "full":
     return from_model_folder(os.path.join(workdir, "merged"), data_files.settings(config), lengths)
   if config.model in loop.RANDOM_MODELS:
@@ -110,7 +110,7 @@ def from_workdir(workdir: str) -> Loaded:
     method_cfg, adapters = interop.load_adapter(folder, params)
   else:
     adapters = checkpoint.load_adapters(folder, trainable)
-  return Loaded(tasks.FAMILIES[config.family], model, params, adapters, method_cfg, tokenizer, label_names,
+  return Loaded(tasks.family(config), model, params, adapters, method_cfg, tokenizer, label_names,
                 data_files.settings(config), lengths)
 
 
