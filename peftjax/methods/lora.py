@@ -255,7 +255,7 @@ def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, between: jax.Array | None
 
   On (batch, length, in) inputs the gradient of B is then one plain (tokens, r)^T (tokens, out) matmul: with
   the batch and length axes kept apart, XLA:CPU first copies the (tokens, out) output gradient into a
-  transposed layout (for intermediate.dense of a BERT layer a 6 MB strided copy per step that cost more than
+  transposed layout (for intermediate.dense of the main job a 9 MB strided copy per layer that cost more than
   the layer's matmuls; bench/RESULTS.md).
   """
   u = x.reshape(-1, x.shape[-1]) @ a.astype(x.dtype)
