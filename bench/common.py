@@ -12,25 +12,41 @@ import optax
 LEARNING_RATE = 1e-4
 
 
-def median_seconds(step: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
-  """Median wall time of `repeats` calls of `step` after `warmup` untimed calls."""
+def median_times(step: Callable[[], Any], repeats: int, warmup: int = 2) -> tuple[float, float]:
+  """Median (wall, process CPU) seconds of `repeats` calls of `step` after `warmup` untimed calls.
+
+  CPU time counts every thread of the process; on a shared machine it moves less with the load than wall time.
+  """
   for _ in range(warmup):
     step()
-  times = []
+  walls, cpus = [], []
   for _ in range(repeats):
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     step()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+    walls.append(time.perf_counter() - wall)
+    cpus.append(time.process_time() - cpu)
+  return statistics.median(walls), statistics.median(cpus)
 
 
-def interleaved_medians(steps: dict[str, Callable[[], Any]], repeats: int, rounds: int = 3) -> dict[str, float]:
-  """Per step, the median over `rounds` of its median_seconds; the steps take turns so machine noise hits them alike."""
+def median_seconds(step: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+  """Median wall time of `repeats` calls of `step` after `warmup` untimed calls."""
+  return median_times(step, repeats, warmup)[0]
+
+
+def interleaved_times(steps: dict[str, Callable[[], Any]], repeats: int, rounds: int = 3
+                      ) -> dict[str, tuple[float, float]]:
+  """Per step, the medians over `rounds` of its median (wall, CPU) seconds; the steps take turns so machine noise
+  hits them alike."""
   times = {name: [] for name in steps}
   for _ in range(rounds):
     for name, step in steps.items():
-      times[name].append(median_seconds(step, repeats))
-  return {name: statistics.median(t) for name, t in times.items()}
+      times[name].append(median_times(step, repeats))
+  return {name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t)) for name, t in times.items()}
+
+
+def interleaved_medians(steps: dict[str, Callable[[], Any]], repeats: int, rounds: int = 3) -> dict[str, float]:
+  """Per step, the median over `rounds` of its median wall seconds (see `interleaved_times`)."""
+  return {name: wall for name, (wall, _) in interleaved_times(steps, repeats, rounds).items()}
 
 
 def jax_adamw_step(loss: Callable[..., Any], trainable: Any, *frozen: Any):

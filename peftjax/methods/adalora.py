@@ -263,7 +263,7 @@ def _interceptor(cfg: AdaLoraConfig):
     y = next_fun(*args, **kwargs)
     x = lora.adapter_input(cfg, module, args[0] if args else kwargs["inputs"])
     a, e, b = (module.get_variable(COLLECTION, k).astype(x.dtype) for k in ("lora_A", "lora_E", "lora_B"))
-    return y + (cfg.scaling * (((x @ a) * e) @ b)).astype(y.dtype)
+    return y + (cfg.scaling * lora.low_rank(x, a, b, between=e)).astype(y.dtype)
   return intercept
 
 

@@ -260,12 +260,26 @@ def adapter_input(cfg: LoraConfig, module: nn.Module, x: jax.Array) -> jax.Array
   return dropout.drop(x, cfg.dropout, module.make_rng("dropout"))
 
 
+def low_rank(x: jax.Array, a: jax.Array, b: jax.Array, between: jax.Array | None = None) -> jax.Array:
+  """(x A) B, or ((x A) * between) B, in x's dtype, with the leading axes of `x` flattened into one.
+
+  On (batch, length, in) inputs the gradient of B is then one plain (tokens, r)^T (tokens, out) matmul: with
+  the batch and length axes kept apart, XLA:CPU first copies the (tokens, out) output gradient into a
+  transposed layout (for intermediate.dense of the main job a 9 MB strided copy per layer that cost more than
+  the layer's matmuls; bench/RESULTS.md).
+  """
+  u = x.reshape(-1, x.shape[-1]) @ a.astype(x.dtype)
+  if between is not None:
+    u = u * between
+  return (u @ b.astype(x.dtype)).reshape(*x.shape[:-1], b.shape[-1])
+
+
 def low_rank_path(cfg: LoraConfig, module: nn.Module, collection: str, x: jax.Array) -> jax.Array:
   """s (x A) B for the adapter of `module` in `collection` (no dropout applied here)."""
   a = module.get_variable(collection, "lora_A")
   b = module.get_variable(collection, "lora_B")
   scaling = cfg.scaling(a.shape[-1], cfg.module_alpha("/".join(module.path)))
-  return scaling * ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))
+  return scaling * low_rank(x, a, b)
 
 
 def _interceptor(cfg: LoraConfig, collection: str):

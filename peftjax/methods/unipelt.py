@@ -136,7 +136,7 @@ def _lora_interceptor(cfg: lora.LoraConfig):
     inputs = args[0] if args else kwargs["inputs"]
     x = lora.adapter_input(cfg, module, inputs)
     a, b = module.get_variable(LORA, "lora_A"), module.get_variable(LORA, "lora_B")
-    return y + ((x @ a.astype(x.dtype)) @ b.astype(x.dtype) * gate(module, LORA, "lora_gate", inputs)).astype(y.dtype)
+    return y + (lora.low_rank(x, a, b) * gate(module, LORA, "lora_gate", inputs)).astype(y.dtype)
   return intercept
 
 
