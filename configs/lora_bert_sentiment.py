@@ -21,7 +21,7 @@ Any field can also be overridden, e.g. `--config.method=ia3`, `--config.lora.ran
 
 import ml_collections
 
-from train import loop
+from train import data_files, loop
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -40,9 +40,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.compute_dtype = "float32"  # or "bfloat16" (activations; config.scale.frozen_dtype sets the stored weights)
 
   config.task = "rotten_tomatoes"
+  # Or your own data: a .csv/.tsv/.json/.jsonl/.parquet file, a Dataset.save_to_disk folder or a hub
+  # 'ID:SPLIT'; config.data names its columns (text/label, source/target, prompt/completion, messages).
+  config.data = data_files.data_config()
   config.eval_examples = 1000
   config.train_examples = 0        # 0: the other 7,530 sentences
   config.max_length = 48           # tokens; covers 95% of the sentences whole
+  config.buckets = ()              # shorter batch lengths, e.g. (16, 32): a batch runs at the shortest
+  # that holds its rows (one compile each; max_length is the last); (): every batch at max_length
 
   config.method = "full" if "full" in options else "lora"  # or "dora", "ia3", "bitfit"
   # LoRA (and DoRA) targets: names separated by commas, "all-linear", or a regex over module paths.
@@ -67,6 +72,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   config.on_nonfinite = "skip"     # a NaN / inf loss, gradient or parameter: "skip" the update (counted) or "stop"
   config.max_consecutive_skips = 20  # stop anyway after this many skipped steps in a row (0: never)
   config.workdir = "workdir/lora_bert_sentiment" + "".join(f"_{o}" for o in sorted(options))
+  config.export_merged = False     # also write workdir/merged (a full copy); later: python -m train.merge
   config.seed = 0
 
   # Scale: the same run on one CPU, several devices or processes, a GPU or a TPU pod: mesh shape, logical-axis

@@ -15,7 +15,7 @@ Any field can be overridden, e.g. `--config.method=ia3`, `--config.lora.targets=
 
 import ml_collections
 
-from train import loop
+from train import data_files, loop
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -31,9 +31,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.compute_dtype = "float32"  # or "bfloat16" (activations; config.scale.frozen_dtype sets the stored weights)
 
   config.task = "imdb"             # or "bbc_news"
+  # Or your own data: a .csv/.tsv/.json/.jsonl/.parquet file, a Dataset.save_to_disk folder or a hub
+  # 'ID:SPLIT'; config.data names its columns (text/label, source/target, prompt/completion, messages).
+  config.data = data_files.data_config()
   config.eval_examples = 64
   config.train_examples = 2000
   config.max_length = 64           # tokens per review (its beginning)
+  config.buckets = ()              # shorter batch lengths, e.g. (16, 32): a batch runs at the shortest
+  # that holds its rows (one compile each; max_length is the last); (): every batch at max_length
 
   config.method = "lora"           # or "dora", "ia3", "full"
   config.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets="q_proj,v_proj"))
@@ -53,6 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.on_nonfinite = "skip"     # a NaN / inf loss, gradient or parameter: "skip" the update (counted) or "stop"
   config.max_consecutive_skips = 20  # stop anyway after this many skipped steps in a row (0: never)
   config.workdir = "workdir/lora_llama"
+  config.export_merged = False     # also write workdir/merged (a full copy); later: python -m train.merge
   config.seed = 0
 
   # Scale: the same run on one CPU, several devices or processes, a GPU or a TPU pod: mesh shape, logical-axis

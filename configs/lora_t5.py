@@ -15,7 +15,7 @@ Re-running with the same workdir resumes from its latest checkpoint.
 
 import ml_collections
 
-from train import loop
+from train import data_files, loop
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -35,10 +35,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.compute_dtype = "float32"  # or "bfloat16" (activations; adapters and optimizer state stay float32)
 
   config.task = "rotten_tomatoes"  # or "bbc_headlines" (BBC News article -> its headline)
+  # Or your own data: a .csv/.tsv/.json/.jsonl/.parquet file, a Dataset.save_to_disk folder or a hub
+  # 'ID:SPLIT'; config.data names its columns (text/label, source/target, prompt/completion, messages).
+  config.data = data_files.data_config()
   config.eval_examples = 500       # held-out examples (a seeded split of the task's data)
   config.train_examples = 0        # 0: every remaining example
   config.source_length = 64        # tokens; longer inputs are truncated, shorter ones padded
   config.target_length = 4         # tokens including the end-of-sequence token; also the generation length
+  config.buckets = ()              # shorter batch lengths, e.g. (16, 32): a batch runs at the shortest
+  # that holds its rows (one compile each; source_length is the last); (): every batch at source_length
 
   config.method = "lora"           # or "dora" (reads config.lora too), "ia3", "full" (every parameter trains)
   # targets: "all-linear" (every linear layer but the output head), names separated by commas ("q,v"), or a
@@ -65,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.on_nonfinite = "skip"     # a NaN / inf loss, gradient or parameter: "skip" the update (counted) or "stop"
   config.max_consecutive_skips = 20  # stop anyway after this many skipped steps in a row (0: never)
   config.workdir = "workdir"
+  config.export_merged = False     # also write workdir/merged (a full copy); later: python -m train.merge
   config.seed = 0
 
   # Scale: the same run on one CPU, several devices or processes, a GPU or a TPU pod: mesh shape, logical-axis

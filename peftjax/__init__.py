@@ -1,5 +1,7 @@
 """peftjax: parameter-efficient fine-tuning for Transformer models in JAX/Flax."""
 
+import os
+
 from peftjax import models, tree
 from peftjax.api import apply, init, merge, unmerge
 from peftjax.methods.adalora import AdaLoraConfig
@@ -16,6 +18,10 @@ from peftjax.methods.prefix_tuning import PrefixTuningConfig, PTuningV2Config
 from peftjax.methods.prompt_tuning import PromptTuningConfig
 from peftjax.methods.unipelt import UniPeltConfig
 from peftjax.tree import combine, count, mask, optax_freeze, print_trainable_parameters, split
+
+# peftjax runs without torch (no peftjax module imports transformers at import time); transformers would
+# otherwise advise at its import that "PyTorch was not found".
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 __all__ = [
     "AdaLoraConfig", "BitFitConfig", "BnConfig", "DoraConfig", "DoubleSeqBnConfig", "HoulsbyConfig", "IA3Config",

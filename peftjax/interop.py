@@ -17,11 +17,13 @@ names under ``base_model.model.``:
 - the soft-prompt family: see `peftjax.interop_prompts` (one ``prompt_embeddings`` tensor; modules_to_save
   tensors there sit under ``base_model.`` only).
 
-Only safetensors are read.
+Only safetensors are read, and every folder is checked first (`peftjax.adapter_schema`): any bad folder raises
+`AdapterFormatError` (a ValueError) naming the folder, the file and the field or tensor.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,18 +32,19 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from peftjax import finite, interop_prompts
+from peftjax import adapter_schema, finite, interop_prompts
 from peftjax import tree as ptree
 from peftjax.methods import adalora, dora, ia3, lora, modules_to_save
 from peftjax.models import hf_io
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = adapter_schema.ADAPTER_CONFIG
+ADAPTER_WEIGHTS = adapter_schema.ADAPTER_WEIGHTS
+AdapterFormatError = adapter_schema.AdapterFormatError
 PREFIX = "base_model.model."
 PROMPT_PREFIX = "base_model."  # PEFT's prompt-learning models hold the transformers model directly
+BASE_LAYER = "base_layer"  # PEFT's name for the wrapped base module of an adapted layer
 PEFT_TYPES = ("LORA", "ADALORA", "IA3", *interop_prompts.PEFT_TYPES)
 NoPeftFormatError = interop_prompts.NoPeftFormatError
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
@@ -90,6 +93,8 @@ def _lora_files(cfg: lora.LoraConfig, adapters: dict) -> tuple[dict, dict]:
       "target_modules": _target_modules(cfg, list(modules)), "use_rslora": cfg.use_rslora, "use_dora": use_dora,
       "bias": "none", "rank_pattern": dict(cfg.rank_pattern), "alpha_pattern": dict(cfg.alpha_pattern),
       "fan_in_fan_out": False, "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
+      "layers_to_transform": list(cfg.layers_to_transform) or None,
+      "layers_pattern": (cfg.layers_pattern[0] if len(cfg.layers_pattern) == 1 else list(cfg.layers_pattern)) or None,
   }
   return config, tensors
 
@@ -124,22 +129,36 @@ def write_folder(folder: str, config: dict, tensors: dict[str, np.ndarray]) -> N
     raise
 
 
-def _read_folder(folder: str) -> tuple[dict, dict[str, np.ndarray]]:
-  """(adapter_config.json, {tensor name: numpy array}) of a PEFT adapter folder."""
-  with open(os.path.join(folder, ADAPTER_CONFIG)) as f:
-    config = json.load(f)
-  with safe_open(os.path.join(folder, ADAPTER_WEIGHTS), framework="numpy") as f:
-    return config, {key: f.get_tensor(key) for key in f.keys()}
+@contextlib.contextmanager
+def _reading(folder: str):
+  """Turns a ValueError raised while reading `folder` (e.g. by a method config's own checks) into an
+  AdapterFormatError that names the folder."""
+  try:
+    yield
+  except AdapterFormatError:
+    raise
+  except ValueError as e:
+    message = str(e)
+    raise AdapterFormatError(message if message.startswith(repr(folder)) else
+                             f"{folder!r}: {ADAPTER_CONFIG} does not make a valid config: {message}") from None
 
 
 def _check_peft_type(folder: str, config: dict, peft_type: str) -> None:
   if config.get("peft_type") != peft_type:
-    raise ValueError(f"{folder!r}: adapter_config.json peft_type={config.get('peft_type')!r}; "
-                     f"only {peft_type!r} is read here.")
+    raise AdapterFormatError(f"{folder!r}: adapter_config.json peft_type={config.get('peft_type')!r}; only "
+                             f"{peft_type!r} is read here.")
 
 
 def _targets(value) -> str | tuple[str, ...]:
   return value if isinstance(value, str) else tuple(sorted(value or ()))
+
+
+def _exclude(folder: str, config: dict) -> tuple[str, ...]:
+  """exclude_modules as a tuple of names (PEFT's regex form is refused)."""
+  if isinstance(config.get("exclude_modules"), str):
+    raise AdapterFormatError(f"{folder!r}: adapter_config.json exclude_modules={config['exclude_modules']!r} is a "
+                             "regex; only a list of module names is supported.")
+  return tuple(config.get("exclude_modules") or ())
 
 
 def _init_name(value, use_dora: bool) -> str:
@@ -152,21 +171,26 @@ def _init_name(value, use_dora: bool) -> str:
 def _lora_from(folder: str, config: dict, tensors: dict[str, np.ndarray], params: dict) -> tuple[lora.LoraConfig, dict]:
   for key in ("lora_bias", "layer_replication"):
     if config.get(key):
-      raise ValueError(f"{folder!r}: adapter_config.json {key}={config[key]!r} is not supported.")
+      raise AdapterFormatError(f"{folder!r}: adapter_config.json {key}={config[key]!r} is not supported.")
   if config.get("bias", "none") != "none":
-    raise ValueError(f"{folder!r}: adapter_config.json bias={config['bias']!r} is not supported; only 'none' is.")
+    raise AdapterFormatError(f"{folder!r}: adapter_config.json bias={config['bias']!r} is not supported; only "
+                             "'none' is.")
   use_dora = bool(config.get("use_dora", False))
   cfg = (dora.DoraConfig if use_dora else lora.LoraConfig)(
       rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)),
       dropout=float(config.get("lora_dropout", 0.0)), targets=_targets(config.get("target_modules")),
-      use_rslora=bool(config.get("use_rslora", False)), rank_pattern=config.get("rank_pattern") or {},
-      alpha_pattern=config.get("alpha_pattern") or {},
-      init=_init_name(config.get("init_lora_weights", True), use_dora))
+      exclude=_exclude(folder, config), use_rslora=bool(config.get("use_rslora", False)),
+      rank_pattern=config.get("rank_pattern") or {}, alpha_pattern=config.get("alpha_pattern") or {},
+      init=_init_name(config.get("init_lora_weights", True), use_dora),
+      layers_to_transform=config.get("layers_to_transform"), layers_pattern=config.get("layers_pattern"))
   flat = ptree.flatten(params)
   by_hf_name = {ptree.hf_name(m): m for m in ptree.linear_modules(params)}
   kinds = ("lora_A", "lora_B", dora.MAGNITUDE) if use_dora else ("lora_A", "lora_B")
   adapters = {}
+  _check_base_layers(folder, _base_layers(folder, tensors, params), params)
   for key, tensor in tensors.items():
+    if BASE_LAYER in key:
+      continue
     name = key.removeprefix(PREFIX)
     module, kind = name, ""
     if name.endswith("." + dora.MAGNITUDE):
@@ -174,26 +198,73 @@ def _lora_from(folder: str, config: dict, tensors: dict[str, np.ndarray], params
     elif name.endswith(".weight") and name.count(".") >= 2:
       module, kind, _ = name.rsplit(".", 2)
     if kind not in kinds or module not in by_hf_name:
-      raise ValueError(f"{folder!r}: tensor {key!r} does not name a {'DoRA' if use_dora else 'LoRA'} factor of a "
-                       "linear module of this model.")
+      raise AdapterFormatError(f"{folder!r}: tensor {key!r} does not name a {'DoRA' if use_dora else 'LoRA'} factor "
+                               "of a linear module of this model.")
     path = by_hf_name[module]
     value = tensor.T
     d_in, d_out = flat[f"{path}/kernel"].shape[-2:]
     rank = cfg.module_rank(path)
     expected = {"lora_A": (d_in, rank), "lora_B": (rank, d_out), dora.MAGNITUDE: (d_out,)}[kind]
     if value.shape != expected:
-      raise ValueError(f"{folder!r}: tensor {key!r} has shape {tensor.shape} but this model needs "
-                       f"{expected[::-1]} (PyTorch layout) for {path!r}.")
+      raise AdapterFormatError(f"{folder!r}: tensor {key!r} has shape {tensor.shape} but this model needs "
+                               f"{expected[::-1]} (PyTorch layout) for {path!r}.")
     adapters[f"{path}/{kind}"] = jnp.asarray(value, jnp.float32)
   _check_complete(folder, adapters, kinds)
   return cfg, ptree.unflatten(adapters)
+
+
+def _base_layers(folder: str, tensors: dict[str, np.ndarray], params: dict) -> dict[str, np.ndarray]:
+  """{our leaf path: value in our layout} of the base weights PEFT saves next to an adapted module it counts as an
+  embedding layer (``<module>.base_layer.weight``, e.g. lm_head with save_embedding_layers="auto")."""
+  flat = ptree.flatten(params)
+  by_key = {}
+  for path in flat:
+    module, leaf = path.rsplit("/", 1) if "/" in path else ("", path)
+    if leaf in ("kernel", "bias"):
+      by_key[f"{PREFIX}{ptree.hf_name(module)}.{BASE_LAYER}.{'weight' if leaf == 'kernel' else 'bias'}"] = path
+  leaves = {}
+  for key, value in tensors.items():
+    if BASE_LAYER not in key:
+      continue
+    if key not in by_key:
+      raise AdapterFormatError(f"{folder!r}: tensor {key!r} names a base layer this model does not have.")
+    path = by_key[key]
+    value = _torch_layout(path, value)
+    if value.shape != tuple(np.shape(flat[path])):
+      raise AdapterFormatError(f"{folder!r}: tensor {key!r} has shape {value.shape[::-1]} but this model's {path!r} "
+                               f"is {np.shape(flat[path])} (ours; PyTorch Linear weights are transposed).")
+    leaves[path] = value
+  return leaves
+
+
+def _check_base_layers(folder: str, leaves: dict[str, np.ndarray], params: dict) -> None:
+  """The folder's saved base weights must equal `params`' (when `params` holds arrays, not only shapes)."""
+  flat = ptree.flatten(params)
+  for path, value in leaves.items():
+    if isinstance(flat[path], jax.ShapeDtypeStruct):
+      continue
+    ours = np.asarray(jax.device_get(flat[path]), np.float32)
+    if not np.allclose(value, ours, rtol=1e-5, atol=1e-6):
+      raise AdapterFormatError(
+          f"{folder!r}: the base weight {path!r} saved with the adapter differs from this model's by up to "
+          f"{float(np.max(np.abs(value - ours))):.3g}; load it onto the base it was trained with, or take the saved "
+          "weights with peftjax.interop.with_saved_base_layers(folder, params).")
+
+
+def with_saved_base_layers(folder: str, params: dict) -> dict:
+  """`params` with the base weights a PEFT LoRA folder saved beside its adapters (``<module>.base_layer.weight``,
+  e.g. a resized lm_head) put in their places; the other leaves are `params`' own."""
+  _, tensors = adapter_schema.read_folder(folder)
+  leaves = _base_layers(folder, tensors, params)
+  flat = ptree.flatten(params)
+  return ptree.unflatten({**flat, **{p: jnp.asarray(v, flat[p].dtype) for p, v in leaves.items()}})
 
 
 def _check_complete(folder: str, adapters: dict, kinds: tuple[str, ...]) -> None:
   for path, adapter in lora.adapter_modules(ptree.unflatten(adapters)).items():
     missing = [k for k in kinds if k not in adapter]
     if missing:
-      raise ValueError(f"{folder!r}: module {ptree.hf_name(path)!r} has no {missing} tensor.")
+      raise AdapterFormatError(f"{folder!r}: module {ptree.hf_name(path)!r} has no {missing} tensor.")
 
 
 def load_lora_adapter(folder: str, params: dict) -> tuple[lora.LoraConfig, dict]:
@@ -202,12 +273,13 @@ def load_lora_adapter(folder: str, params: dict) -> tuple[lora.LoraConfig, dict]
   `params` may hold arrays or jax.ShapeDtypeStruct leaves (only shapes are checked).  Folders with
   modules_to_save are read by `load_adapter`.
   """
-  config, tensors = _read_folder(folder)
+  config, tensors = adapter_schema.read_folder(folder)
   _check_peft_type(folder, config, "LORA")
   if config.get("modules_to_save"):
-    raise ValueError(f"{folder!r}: adapter_config.json modules_to_save={config['modules_to_save']!r} is not "
-                     "supported by load_lora_adapter; load_adapter reads it.")
-  return _lora_from(folder, config, tensors, params)
+    raise AdapterFormatError(f"{folder!r}: adapter_config.json modules_to_save={config['modules_to_save']!r} is not "
+                             "supported by load_lora_adapter; load_adapter reads it.")
+  with _reading(folder):
+    return _lora_from(folder, config, tensors, params)
 
 
 def _adalora_files(cfg: adalora.AdaLoraConfig, adapters: dict, state: dict | None) -> tuple[dict, dict]:
@@ -259,19 +331,19 @@ def _adalora_from(folder: str, config: dict, tensors: dict[str, np.ndarray],
   for key, value in tensors.items():
     module, kind = key.removeprefix(PREFIX).rsplit(".", 1)
     if kind not in ("lora_A", "lora_E", "lora_B") or module not in by_hf_name:
-      raise ValueError(f"{folder!r}: tensor {key!r} does not name an AdaLoRA factor of a linear module of this "
-                       "model.")
+      raise AdapterFormatError(f"{folder!r}: tensor {key!r} does not name an AdaLoRA factor of a linear module of "
+                               "this model.")
     path = by_hf_name[module]
     keep = np.asarray(pattern.get(f"{module}.lora_E", [True] * cfg.init_r), bool)
     if keep.shape != (cfg.init_r,):
-      raise ValueError(f"{folder!r}: rank_pattern[{module + '.lora_E'!r}] has {keep.size} entries; it needs "
-                       f"init_r={cfg.init_r}.")
+      raise AdapterFormatError(f"{folder!r}: rank_pattern[{module + '.lora_E'!r}] has {keep.size} entries; it needs "
+                               f"init_r={cfg.init_r}.")
     d_in, d_out = flat[f"{path}/kernel"].shape[-2:]
     rank = int(keep.sum())
     expected = {"lora_A": (rank, d_in), "lora_E": (rank, 1), "lora_B": (d_out, rank)}[kind]
     if value.shape != expected:
-      raise ValueError(f"{folder!r}: tensor {key!r} has shape {value.shape} but this model and rank_pattern need "
-                       f"{expected} for {path!r}.")
+      raise AdapterFormatError(f"{folder!r}: tensor {key!r} has shape {value.shape} but this model and rank_pattern "
+                               f"need {expected} for {path!r}.")
     full = np.zeros({"lora_A": (d_in, cfg.init_r), "lora_E": (cfg.init_r,), "lora_B": (cfg.init_r, d_out)}[kind],
                     np.float32)
     if kind == "lora_A":
@@ -293,9 +365,10 @@ def load_adalora_adapter(folder: str, params: dict) -> tuple[adalora.AdaLoraConf
   Adapters come back at init_r with zeros for the singular triplets the file's rank_pattern dropped, and the
   state's masks are that pattern (so training can go on with the same ranks).
   """
-  config, tensors = _read_folder(folder)
+  config, tensors = adapter_schema.read_folder(folder)
   _check_peft_type(folder, config, "ADALORA")
-  return _adalora_from(folder, config, tensors, params)
+  with _reading(folder):
+    return _adalora_from(folder, config, tensors, params)
 
 
 def _ia3_files(cfg: ia3.IA3Config, adapters: dict) -> tuple[dict, dict]:
@@ -321,12 +394,9 @@ def _ia3_files(cfg: ia3.IA3Config, adapters: dict) -> tuple[dict, dict]:
 
 
 def _ia3_from(folder: str, config: dict, tensors: dict[str, np.ndarray], params: dict) -> tuple[ia3.IA3Config, dict]:
-  if isinstance(config.get("exclude_modules"), str):
-    raise ValueError(f"{folder!r}: adapter_config.json exclude_modules={config['exclude_modules']!r} is a regex; "
-                     "only a list of module names is supported.")
   cfg = ia3.IA3Config(targets=_targets(config.get("target_modules")),
                       feedforward=_targets(config.get("feedforward_modules")),
-                      exclude=tuple(config.get("exclude_modules") or ()))
+                      exclude=_exclude(folder, config))
   paths, feedforward = ia3.target_paths(cfg, params)
   by_hf_name = {ptree.hf_name(p): p for p in paths}
   flat = ptree.flatten(params)
@@ -334,18 +404,18 @@ def _ia3_from(folder: str, config: dict, tensors: dict[str, np.ndarray], params:
   for key, value in tensors.items():
     module = key.removeprefix(PREFIX).removesuffix(".ia3_l")
     if not key.endswith(".ia3_l") or module not in by_hf_name:
-      raise ValueError(f"{folder!r}: tensor {key!r} does not name the ia3_l vector of a target module of this model; "
-                       f"valid modules are {sorted(by_hf_name)}.")
+      raise AdapterFormatError(f"{folder!r}: tensor {key!r} does not name the ia3_l vector of a target module of this "
+                               f"model; valid modules are {sorted(by_hf_name)}.")
     path = by_hf_name[module]
     d_in, d_out = flat[f"{path}/kernel"].shape[-2:]
     expected, kind = ((1, d_in), ia3.INPUT) if path in feedforward else ((d_out, 1), ia3.OUTPUT)
     if value.shape != expected:
-      raise ValueError(f"{folder!r}: tensor {key!r} has shape {value.shape} but this model needs {expected} for "
-                       f"{path!r} ({'feed-forward' if path in feedforward else 'output'} scaling).")
+      raise AdapterFormatError(f"{folder!r}: tensor {key!r} has shape {value.shape} but this model needs {expected} "
+                               f"for {path!r} ({'feed-forward' if path in feedforward else 'output'} scaling).")
     adapters[f"{path}/{kind}"] = jnp.asarray(value.reshape(-1), jnp.float32)
   missing = sorted(ptree.hf_name(p) for p in paths if not any(k.startswith(p + "/") for k in adapters))
   if missing:
-    raise ValueError(f"{folder!r}: target modules {missing} have no ia3_l tensor.")
+    raise AdapterFormatError(f"{folder!r}: target modules {missing} have no ia3_l tensor.")
   return cfg, ptree.unflatten(adapters)
 
 
@@ -375,12 +445,13 @@ def _saved_modules_from(folder: str, names: list[str], tensors: dict[str, np.nda
     path = by_key[key]
     value = _torch_layout(path, value)
     if value.shape != np.shape(flat[path]):
-      raise ValueError(f"{folder!r}: tensor {key!r} has shape {value.shape[::-1]} but this model's {path!r} is "
-                       f"{np.shape(flat[path])} (ours; PyTorch Linear weights are transposed).")
+      raise AdapterFormatError(f"{folder!r}: tensor {key!r} has shape {value.shape[::-1]} but this model's {path!r} "
+                               f"is {np.shape(flat[path])} (ours; PyTorch Linear weights are transposed).")
     saved[path] = jnp.asarray(value, jnp.float32)
   missing = sorted(prefix + hf_io.hf_key(p) for p in leaves if p not in saved)
   if missing:
-    raise ValueError(f"{folder!r}: modules_to_save={names!r} needs the tensors {missing}, which the file lacks.")
+    raise AdapterFormatError(f"{folder!r}: modules_to_save={names!r} needs the tensors {missing}, which the "
+                             "file lacks.")
   return cfg, ptree.unflatten(saved), rest
 
 
@@ -439,21 +510,20 @@ def load_adapter(folder: str, params: dict):
   tuple of two trees.  Soft prompts come back folded (prompt tuning for P-tuning, the plain table for prefix
   tuning), as PEFT loads them for inference.  AdaLoRA's allocator state: `load_adalora_adapter`.
   """
-  config, tensors = _read_folder(folder)
-  peft_type = config.get("peft_type")
-  if peft_type not in PEFT_TYPES:
-    raise ValueError(f"{folder!r}: adapter_config.json peft_type={peft_type!r} is not supported; valid: "
-                     f"{list(PEFT_TYPES)}.")
+  config, tensors = adapter_schema.read_folder(folder)  # peft_type is one of PEFT_TYPES
+  peft_type = config["peft_type"]
   prompt = peft_type in interop_prompts.PEFT_TYPES
   names = config.get("modules_to_save")
-  if names:
-    saved_cfg, saved, tensors = _saved_modules_from(folder, names, tensors, params, PROMPT_PREFIX if prompt else PREFIX)
-  if peft_type == "LORA":
-    cfg, adapters = _lora_from(folder, config, tensors, params)
-  elif peft_type == "ADALORA":
-    cfg, adapters, _ = _adalora_from(folder, config, tensors, params)
-  elif peft_type == "IA3":
-    cfg, adapters = _ia3_from(folder, config, tensors, params)
-  else:
-    cfg, adapters = interop_prompts.read(folder, config, tensors, params)
+  with _reading(folder):
+    if names:
+      saved_cfg, saved, tensors = _saved_modules_from(folder, names, tensors, params,
+                                                      PROMPT_PREFIX if prompt else PREFIX)
+    if peft_type == "LORA":
+      cfg, adapters = _lora_from(folder, config, tensors, params)
+    elif peft_type == "ADALORA":
+      cfg, adapters, _ = _adalora_from(folder, config, tensors, params)
+    elif peft_type == "IA3":
+      cfg, adapters = _ia3_from(folder, config, tensors, params)
+    else:
+      cfg, adapters = interop_prompts.read(folder, config, tensors, params)
   return ([cfg, saved_cfg], (adapters, saved)) if names else (cfg, adapters)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from peftjax.adapter_schema import AdapterFormatError
 from peftjax.methods import p_tuning, prefix_tuning, prompt_tuning
 
 PEFT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
@@ -49,6 +50,9 @@ def files(cfg, adapters: dict, task_type: str | None) -> tuple[dict, dict[str, n
     if cfg.stacks != ("decoder",):
       raise NoPeftFormatError(f"{name}.stacks={cfg.stacks!r} has no Hugging Face PEFT equivalent (PEFT puts prefixes "
                               "in the decoder of encoder-decoders); valid: ('decoder',).")
+    if not cfg.shift_positions:
+      raise NoPeftFormatError(f"{name}.shift_positions=False (AdapterHub's placement) has no Hugging Face PEFT "
+                              "equivalent (PEFT shifts the tokens' positions by the prefix length); valid: True.")
     table = prefix_tuning.prefix_table(cfg, adapters)
     config |= {"peft_type": "PREFIX_TUNING", "prefix_projection": cfg.projection, "token_dim": None,
                "encoder_hidden_size": cfg.encoder_hidden_size, "init_weights": None,
@@ -87,8 +91,8 @@ def read(folder: str, config: dict, tensors: dict[str, np.ndarray], params) -> t
   """(our folded config, adapter tree) from a soft-prompt folder's config and tensors, checked against `params`."""
   peft_type = config["peft_type"]
   if set(tensors) != {KEY}:
-    raise ValueError(f"{folder!r}: a {peft_type} adapter file holds the one tensor {KEY!r} (and modules_to_save); "
-                     f"found {sorted(tensors)}.")
+    raise AdapterFormatError(f"{folder!r}: a {peft_type} adapter file holds the one tensor {KEY!r} (and "
+                             f"modules_to_save); found {sorted(tensors)}.")
   table = tensors[KEY]
   if peft_type == "PREFIX_TUNING":
     k = int(config["num_virtual_tokens"])
@@ -103,6 +107,6 @@ def read(folder: str, config: dict, tensors: dict[str, np.ndarray], params) -> t
     rows = prompt_tuning.table_rows(cfg.num_virtual_tokens, cfg.num_transformer_submodules, params)
     expected, name = (rows, prompt_tuning.word_embeddings(params).shape[1]), KEY
   if table.shape != expected:
-    raise ValueError(f"{folder!r}: tensor {KEY!r} has shape {table.shape} but this model and num_virtual_tokens="
-                     f"{cfg.num_virtual_tokens} need {expected}.")
+    raise AdapterFormatError(f"{folder!r}: tensor {KEY!r} has shape {table.shape} but this model and "
+                             f"num_virtual_tokens={cfg.num_virtual_tokens} need {expected}.")
   return cfg, {name: jax.numpy.asarray(table, np.float32)}

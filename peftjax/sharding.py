@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from peftjax import api, tree as ptree
+from peftjax import api, dropout, tree as ptree
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -269,8 +269,9 @@ def make_train_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: opt
   number of target tokens); the step minimises sum / weight over the whole batch.  Only `trainable` is
   differentiated.  With `micro_batches` > 1 the batch is split and the gradients of the parts are summed in
   a `lax.scan` before one optimizer update, which equals the full-batch step.  `shardings` comes from
-  `state_shardings`; the batch is split over (data, fsdp).  rng is fold_in(key(seed), step) (fold_in'ed
-  again with the micro-batch index).  A non-finite loss, gradient, updated parameter or optimizer moment
+  `state_shardings`; the batch is split over (data, fsdp).  rng is fold_in(key(seed), step) for every micro-batch,
+  and dropout masks are drawn per global row (`peftjax.dropout.rows`), so micro-batches and meshes do not change
+  them.  A non-finite loss, gradient, updated parameter or optimizer moment
   leaves trainable, opt_state and the method's state unchanged (metrics['skipped'] = 1; metrics['nonfinite']
   holds the NONFINITE bits of what was non-finite).  Mixed precision comes from the inputs: a bfloat16-compute
   model, frozen weights cast with `cast_floating`, float32 adapters (so float32 gradients and optimizer state).
@@ -293,17 +294,19 @@ def make_train_step(loss_fn: Callable[..., tuple[jax.Array, jax.Array]], tx: opt
   def step(state, frozen, batch):
     rng = jax.random.fold_in(jax.random.key(seed), state["step"])
     trainable = state["trainable"]
+    row_ids = jax.lax.with_sharding_constraint(jnp.arange(jax.tree.leaves(batch)[0].shape[0]), batch_sharding(mesh))
     if micro_batches == 1:
-      total, weight, grads = sums(trainable, frozen, batch, rng)
+      with dropout.rows(row_ids):
+        total, weight, grads = sums(trainable, frozen, batch, rng)
     else:
       def accumulate(carry, xs):
-        part, index = xs
-        part_sums = sums(trainable, frozen, part, jax.random.fold_in(rng, index))
+        part, part_rows = xs
+        with dropout.rows(part_rows):
+          part_sums = sums(trainable, frozen, part, rng)
         carry = jax.tree.map(jnp.add, carry, part_sums)
         return jax.lax.with_sharding_constraint(carry, (scalar, scalar, shardings["trainable"])), None
       zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, trainable))
-      parts = (_micro_batches(batch, micro_batches, mesh), jnp.arange(micro_batches))
-      (total, weight, grads), _ = jax.lax.scan(accumulate, zeros, parts)
+      (total, weight, grads), _ = jax.lax.scan(accumulate, zeros, _micro_batches((batch, row_ids), micro_batches, mesh))
     scale = 1.0 / jnp.maximum(weight, 1.0)
     loss, grads = total * scale, jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
     grad_norm = optax.tree.norm(grads)

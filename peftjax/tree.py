@@ -70,13 +70,30 @@ def _matches(path: str, target: str) -> bool:
           or path == target or path.endswith("/" + target))
 
 
-def match_targets(params: Tree, targets: str | Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
+def layer_index(path: str, layers_pattern: Sequence[str] = ()) -> int | None:
+  """The layer number in a module's dotted name, as PEFT finds it for layers_to_transform: the first numbered
+  segment ('model.layers.3.self_attn.q_proj' -> 3), or the one after a `layers_pattern` entry; None if none."""
+  dotted = hf_name(path)
+  patterns = ([rf"(?:^|.*?\.){p}\.(\d+)\." for p in layers_pattern] if layers_pattern
+              else [r".*?\.[^.]*\.(\d+)\."])
+  for pattern in patterns:
+    match = re.match(pattern, dotted)
+    if match:
+      return int(match.group(1))
+  return None
+
+
+def match_targets(params: Tree, targets: str | Sequence[str], exclude: Sequence[str] = (),
+                  layers: Sequence[int] = (), layers_pattern: Sequence[str] = ()) -> list[str]:
   """Module paths of the linear layers selected by `targets`, Hugging Face PEFT style.
 
   `targets` is a list of names (a module whose dotted name equals an entry or ends with '.' + entry,
   e.g. ("q", "v") or ("SelfAttention.q", "block.1.q"); '/'-joined paths like "block_1/q" work too), the
   string "all-linear" (every linear layer but the output head), or any other string, a regex that must fully
-  match the '/'-joined module path or its dotted Hugging Face name.  Raises ValueError when nothing matches.
+  match the '/'-joined module path or its dotted Hugging Face name.  `layers` (PEFT's layers_to_transform) keeps,
+  of the modules a list entry matches as a suffix, those in the listed layers (`layer_index`, with
+  `layers_pattern`); a module named in full is kept whatever its layer, as in PEFT.  Raises ValueError when
+  nothing matches.
   """
   candidates = linear_modules(params)
   if isinstance(targets, str):
@@ -86,7 +103,8 @@ def match_targets(params: Tree, targets: str | Sequence[str], exclude: Sequence[
       pattern = re.compile(targets)
       found = [p for p in candidates if pattern.fullmatch(p) or pattern.fullmatch(hf_name(p))]
   else:
-    found = [p for p in candidates if any(_matches(p, t) for t in targets)]
+    found = [p for p in candidates if any(_matches(p, t) for t in targets)
+             and (not layers or hf_name(p) in targets or layer_index(p, layers_pattern) in layers)]
   found = [p for p in found if not any(_matches(p, e) for e in exclude)]
   if not found:
     names = sorted({p.split("/")[-1] for p in candidates})

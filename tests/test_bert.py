@@ -358,7 +358,11 @@ def _peft_prefix(kind: str, n_prefix: int = 5):
 
 @pytest.mark.parametrize("kind", ["bert_seq", "roberta_seq"])
 def test_prefix_kv_matches_hf_peft_prefix_tuning(checkpoints, kind):
-  """HF peft prefix tuning passes past_key_values: positions start after the prefix, the prefix is always attended."""
+  """HF peft prefix tuning passes past_key_values: positions start after the prefix, the prefix is always attended.
+
+  The reference is peft 0.21.2 on transformers 5.23.0 (constraints-test.txt): transformers 5.24.0 renamed BERT /
+  RoBERTa's `past_key_values` argument to `cache`, and peft 0.21.2 then refuses prefix tuning on them.
+  """
   torch_model, prefix_kv = _peft_prefix(kind)
   model, params = _family(kind).from_pretrained(checkpoints[kind])
   batch = _batch(kind)

@@ -91,7 +91,8 @@ def _unipelt(kind: str, **changes) -> unipelt.UniPeltConfig:
   cfg = unipelt.UniPeltConfig(
       lora=pj.LoraConfig(rank=2, alpha=2.0, targets=LORA_TARGETS[kind]),
       adapter=bn.SeqBnConfig(reduction_factor=4),
-      prefix=prefix_tuning.PrefixTuningConfig(K, encoder_hidden_size=16, stacks=("encoder", "decoder")))
+      prefix=prefix_tuning.PrefixTuningConfig(K, encoder_hidden_size=16, stacks=("encoder", "decoder"),
+                                              shift_positions=False))
   return dataclasses.replace(cfg, **changes)
 
 
@@ -119,7 +120,8 @@ def test_unipelt_gates_open_half_and_closed(zoo, kind):
   tree["lora"] = ptree.unflatten({p: v + 0.3 * (p.endswith("lora_B")) * jax.random.normal(jax.random.key(1), v.shape)
                                   for p, v in ptree.flatten(tree["lora"]).items()})  # B != 0: LoRA acts
   gated = jax.jit(pj.apply(cfg, model.apply))
-  ungated_cfgs = [cfg.lora, cfg.adapter, prefix_tuning.PTuningV2Config(K, stacks=cfg.prefix.stacks)]
+  plain_prefix = prefix_tuning.PTuningV2Config(K, stacks=cfg.prefix.stacks, shift_positions=False)
+  ungated_cfgs = [cfg.lora, cfg.adapter, plain_prefix]
   ungated = jax.jit(pj.apply(ungated_cfgs, model.apply))
   table = prefix_tuning.prefix_table(cfg.prefix, tree["prefix"])
   base = model.apply({"params": params}, **batch)
@@ -136,8 +138,7 @@ def test_unipelt_gates_open_half_and_closed(zoo, kind):
   assert _max_diff(half, opened) > 1e-3
 
   closed = gated(params, _set_gates(tree, -50.0), **batch)
-  zero_prefix = prefix_tuning.PTuningV2Config(K, stacks=cfg.prefix.stacks)
-  expected = pj.apply(zero_prefix, model.apply)(params, {"embedding": jnp.zeros_like(table)}, **batch)
+  expected = pj.apply(plain_prefix, model.apply)(params, {"embedding": jnp.zeros_like(table)}, **batch)
   assert _max_diff(closed, expected) < 1e-5
   assert _max_diff(closed, base) > 1e-3  # zero keys and values still take attention weight
 
@@ -189,11 +190,13 @@ def test_unipelt_tree_and_counts_by_hand(zoo):
   layer = "bert/encoder/layer_0"
   assert flat[f"lora/{layer}/attention/self/query/lora_gate/kernel"].shape == (32, 1)
   assert flat[f"adapter/{layer}/output/adapter_gate/kernel"].shape == (32, 1)
-  assert flat[f"prefix_gates/{layer}/attention/self/prefix_gate/kernel"].shape == (32, 2)
+  assert flat[f"prefix_gates/{layer}/attention/self/prefix_gate/kernel"].shape == (32, 1)  # AdapterHub's shared gate
+  unshared = ptree.flatten(pj.init(_unipelt("bert", shared_gating=False), jax.random.key(0), params))
+  assert unshared[f"prefix_gates/{layer}/attention/self/prefix_gate/kernel"].shape == (32, 2)
   assert not np.any(np.asarray(flat[f"adapter/{layer}/output/adapter_gate/bias"]))  # bert init: bias 0
   lora = 2 * 2 * (32 * 2 + 2 * 32 + 32 + 1)  # 2 layers x (query, value): A, B, gate kernel and bias
   adapter = 2 * (32 * 8 + 8 + 8 * 32 + 32 + 32 + 1)  # m = 32 // 4 = 8, plus the gate
-  prefix = K * 32 + (32 * 16 + 16) + (16 * 2 * 2 * 32 + 2 * 2 * 32) + 2 * (32 * 2 + 2)
+  prefix = K * 32 + (32 * 16 + 16) + (16 * 2 * 2 * 32 + 2 * 2 * 32) + 2 * (32 + 1)
   assert ptree.count(tree["lora"]) == lora and ptree.count(tree["adapter"]) == adapter
   assert ptree.count(tree["prefix"]) + ptree.count(tree["prefix_gates"]) == prefix
   assert ptree.count(tree) == lora + adapter + prefix
@@ -202,7 +205,7 @@ def test_unipelt_tree_and_counts_by_hand(zoo):
   full = pj.init(unipelt.UniPeltConfig(lora=pj.LoraConfig(rank=8, alpha=2, targets=("q_proj", "v_proj"))),
                  jax.random.key(0), llama)
   lora = 2 * ((32 * 8 + 8 * 32 + 32 + 1) + (32 * 8 + 8 * 16 + 32 + 1))  # v_proj: 2 kv heads x 8 = 16 outputs
-  prefix = 10 * 16 + (16 * 512 + 512) + (512 * 2 * 2 * 16 + 2 * 2 * 16) + 2 * (32 * 2 + 2)
+  prefix = 10 * 16 + (16 * 512 + 512) + (512 * 2 * 2 * 16 + 2 * 2 * 16) + 2 * (32 + 1)
   assert ptree.count(full) == lora + 2 * (32 * 2 + 2 + 2 * 32 + 32 + 33) + prefix
 
 

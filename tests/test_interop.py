@@ -1,6 +1,7 @@
 """Hugging Face PEFT folders both ways for (IA)³, modules_to_save and the soft-prompt family (LoRA, DoRA and
 AdaLoRA folders are tested in test_lora*.py / test_adalora.py): our folder loads in `PeftModel.from_pretrained`
-with the same logits, PEFT's folder loads in `load_adapter` with the same logits, and save -> load is exact."""
+with the same logits, PEFT's folder loads in `load_adapter` with the same logits, and save -> load is exact.
+The reference is peft 0.21.2 on transformers 5.23.0 (constraints-test.txt; see tests/test_prompts.py)."""
 
 from __future__ import annotations
 

@@ -508,3 +508,19 @@ def test_smollm2_gguf_answers_paris(smollm2):
   tokens = np.asarray(llama.generate(model, params, ids, max_new_tokens=12))
   answer = tokenizer.decode(tokens[0], skip_special_tokens=True)
   assert "Paris" in answer, answer
+
+
+def test_gguf_tokenizer_without_torch_matches_transformers():
+  # gguf.load_tokenizer reads the metadata with gguf-py (transformers' own GGUF reader imports torch): the same
+  # ids, special tokens and chat template as AutoTokenizer(gguf_file=...).
+  from transformers import AutoTokenizer
+  path = assets.asset_path(*SMOLLM2)
+  ours = gguf.load_tokenizer(path)
+  theirs = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+  chat = [{"role": "user", "content": "What is the capital of France?"}]
+  for text in ("Hello world!", "  two spaces\nand a line\tand a tab", "<|im_start|>user\nhi<|im_end|>",
+               "émoji 🎉 and digits 1234567", ours.apply_chat_template(chat, tokenize=False)):
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"], text
+  assert len(ours) == len(theirs) == 49152
+  assert (ours.bos_token, ours.eos_token, ours.pad_token) == (theirs.bos_token, theirs.eos_token, theirs.pad_token)
+  assert ours.apply_chat_template(chat, tokenize=False) == theirs.apply_chat_template(chat, tokenize=False)

@@ -1,5 +1,10 @@
 """The soft-prompt family (prompt tuning, P-tuning, prefix tuning, P-tuning v2) against HF peft on BERT, T5,
-GPT-2 and Llama: logits with the same prompt weights, trainable counts, generation, placement, training."""
+GPT-2 and Llama: logits with the same prompt weights, trainable counts, generation, placement, training.
+
+The reference is peft 0.21.2 on transformers 5.23.0 (constraints-test.txt). transformers 5.24.0 renamed the
+`past_key_values` argument to `cache` (deprecated alias): peft 0.21.2 then refuses prefix tuning / P-tuning v2
+on BERT and RoBERTa, and its cached generate for prompt tuning (GPT-2), P-tuning v2 (Llama) and prefix tuning
+(T5) gives other tokens than its own uncached forward, which ours still equals."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from peftjax.methods import p_tuning, prefix_tuning, prompt_tuning
 from peftjax.models import gpt2, llama, t5
 
 from compare import assert_same_tokens  # tests/ is on sys.path under pytest
+from tiny_models import perturb_torch
 
 K = 4  # virtual tokens
 # kind -> (transformers class, config, peft task type)
@@ -43,25 +49,23 @@ KINDS = {
     "llama": ("LlamaForCausalLM", transformers.LlamaConfig(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2), "CAUSAL_LM"),
+    # Decoder classifiers read the last token; under prompt tuning (inputs_embeds) the last position, as in peft.
+    "gpt2_seq": ("GPT2ForSequenceClassification", transformers.GPT2Config(
+        vocab_size=101, n_positions=48, n_embd=32, n_layer=2, n_head=4, bos_token_id=1, eos_token_id=2,
+        pad_token_id=0, num_labels=3), "SEQ_CLS"),
+    "llama_seq": ("LlamaForSequenceClassification", transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        num_labels=3), "SEQ_CLS"),
 }
-LEFT_PADDED = ("llama",)  # the other kinds get right padding
+LEFT_PADDED = ("llama", "llama_seq")  # the other kinds get right padding
 
 
 def _torch_model(kind: str):
   """Random transformers model (seed 0) with uneven norms, visible biases and weights that move the residual."""
   name, config, _ = KINDS[kind]
   torch.manual_seed(0)
-  model = getattr(transformers, name)(config)
-  with torch.no_grad():
-    for param_name, param in model.named_parameters():
-      if "norm" in param_name.lower() or ".ln_" in param_name:
-        param.uniform_(0.5, 1.5)
-      elif param_name.endswith("bias"):
-        param.normal_(0.0, 0.1)
-      elif "embed" not in param_name and "wte" not in param_name and "wpe" not in param_name and \
-          "shared" not in param_name:
-        param.normal_(0.0, 0.15)
-  return model.eval()
+  return perturb_torch(getattr(transformers, name)(config))
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +161,7 @@ def _compare(kind: str, checkpoints, cfg) -> tuple[float, np.ndarray, np.ndarray
   torch_model = _peft_model(kind, cfg, adapters)
   theirs = _torch_outputs(torch_model, batch)
   plain = np.asarray(model.apply({"params": params}, **batch))
-  head = ptree.count(params.get("classifier", {}))  # peft trains the classification head too (modules_to_save)
+  head = ptree.count({k: params[k] for k in ("classifier", "score") if k in params})  # peft trains it too
   assert torch_model.get_nb_trainable_parameters()[0] == ptree.count(adapters) + head
   if hasattr(pj.api.method_module(cfg), "fold"):
     plain_cfg, folded = pj.api.method_module(cfg).fold(cfg, adapters)
@@ -184,7 +188,8 @@ METHODS = {
 
 CASES = [(kind, method) for kind in ("bert_seq", "t5", "gpt2", "llama") for method in ("prompt", "prefix", "p_v2")] + [
     ("bert_seq", "p_mlp"), ("llama", "p_mlp"), ("t5", "p_lstm"), ("gpt2", "p_lstm"), ("bert_tok", "p_v2"),
-    ("bert_tok", "prompt"), ("roberta_seq", "prompt"), ("roberta_seq", "prefix")]
+    ("bert_tok", "prompt"), ("roberta_seq", "prompt"), ("roberta_seq", "prefix"), ("gpt2_seq", "prompt"),
+    ("gpt2_seq", "prefix"), ("gpt2_seq", "p_mlp"), ("llama_seq", "prompt"), ("llama_seq", "p_v2")]
 
 
 @pytest.mark.parametrize("kind,method", CASES)

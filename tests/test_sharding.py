@@ -26,10 +26,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESH = AbstractMesh((2, 4, 2), sharding.MESH_AXES)
 
 
-def run_worker(args: list[str], timeout: int) -> dict:
-  """Runs tests/sharding_worker.py with `args`; returns the JSON object on its last stdout line."""
+def run_worker(args: list[str], timeout: int, script: str = "sharding_worker.py") -> dict:
+  """Runs tests/`script` with `args`; returns the JSON object on its last stdout line."""
   env = {**os.environ, "PYTHONPATH": str(ROOT)}
-  done = subprocess.run([sys.executable, str(ROOT / "tests" / "sharding_worker.py"), *args], cwd=ROOT, env=env,
+  done = subprocess.run([sys.executable, str(ROOT / "tests" / script), *args], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=timeout)
   assert done.returncode == 0, done.stderr[-3000:]
   return json.loads(done.stdout.strip().splitlines()[-1])

@@ -74,7 +74,7 @@ def tiny_config(workdir, **overrides) -> ml_collections.ConfigDict:
 
 
 def test_end_to_end_run_trains_checkpoints_and_exports(tmp_path):
-  result = train.main(tiny_config(tmp_path))
+  result = train.main(tiny_config(tmp_path, export_merged=True))
   assert result["start_step"] == 0 and result["final_step"] == 12
   assert result["after"]["loss"] < result["before"]["loss"] - 0.5
   assert 0.0 <= result["after"]["exact_match"] <= 1.0

@@ -48,7 +48,7 @@ PEFT_TYPES = {"adalora": "ADALORA", "prompt_tuning": "PROMPT_TUNING", "p_tuning"
 
 def tiny_config(workdir, method: str, **overrides) -> ml_collections.ConfigDict:
   """configs/prefix_tuning_gpt2.py (it holds config.prompt) shrunk to TINY, with the other method sections."""
-  config = test_train_zoo.load_config("prefix_tuning_gpt2", workdir, method=method,
+  config = test_train_zoo.load_config("prefix_tuning_gpt2", workdir, method=method, export_merged=True,
                                       **{**TINY, "optimizer.learning_rate": LEARNING_RATES[method]})
   for name, section in SECTIONS.items():
     config[name] = ml_collections.ConfigDict(section)
@@ -177,7 +177,7 @@ CONFIG_RUNS = {
 
 @pytest.mark.parametrize("name,arg", list(CONFIG_RUNS))
 def test_config_files_run_end_to_end(tmp_path, name, arg):
-  config = test_train_zoo.load_config(name, tmp_path, arg, **CONFIG_RUNS[name, arg])
+  config = test_train_zoo.load_config(name, tmp_path, arg, export_merged=True, **CONFIG_RUNS[name, arg])
   result = train.main(config)
   assert result["final_step"] == 2 and np.isfinite(result["after"]["loss"])
   assert os.path.isdir(tmp_path / "adapter")

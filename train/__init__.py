@@ -4,6 +4,7 @@
 held-out metrics before/after, the final train state).
 """
 
-from train.loop import main
+import peftjax  # noqa: F401 (first: it quiets transformers' torch advice before transformers is imported)
+from train.loop import main  # noqa: E402
 
 __all__ = ["main"]

@@ -1,14 +1,16 @@
 """`main(config)`: fine-tune a model of any family (T5, BERT/RoBERTa, GPT-2, Llama) with any method, resumably.
 
 config.family picks the model module and its task adapter (`train.tasks`: sequence-to-sequence LM,
-sequence classification, causal LM); config.method picks the method (`train.methods`).
+sequence classification, causal LM; config.task_type="sequence_classification" gives GPT-2 / Llama a classifier
+head); config.method picks the method (`train.methods`).
 
-workdir layout: checkpoints/<step>/ (Orbax: train state + data position), tensorboard/ (event
-files), merged/ (the model with the method folded in + tokenizer, a Hugging Face folder; not for bottleneck
-adapters and prompt / prefix methods, which do not fold into the weights), adapter/ (a Hugging Face PEFT
-folder, modules_to_save included, for every method PEFT has: LoRA, DoRA, AdaLoRA, IA3 and the prompt family;
-an Orbax tree of the trained leaves for the others) and, for a randomly initialised model, base/ (the frozen
-base the adapter applies to).
+workdir layout: run.json (the run's settings, label names and finished step: `train.run_record`),
+checkpoints/<step>/ (Orbax: train state + data position), tensorboard/ (event files), merged/ (the model with the
+method folded in + tokenizer, a Hugging Face folder, written when config.export_merged is on or for full
+fine-tuning; not for bottleneck adapters and prompt / prefix methods, which do not fold into the weights;
+`python -m train.merge` writes it later), adapter/ (a Hugging Face PEFT folder, modules_to_save included, for every
+method PEFT has: LoRA, DoRA, AdaLoRA, IA3 and the prompt family; an Orbax tree of the trained leaves for the
+others) and, for a randomly initialised model, base/ (the frozen base the adapter applies to).
 
 Scale (config.scale): the same run goes from one CPU to a TPU pod.  `main` first joins a multi-process job
 when asked (`peftjax.distributed.initialize`), builds the (data, fsdp, tensor) device mesh, places the
@@ -21,6 +23,7 @@ may be a gs:// path: checkpoints go there directly, exports are written locally 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 import time
@@ -38,7 +41,7 @@ import peftjax as pj
 from peftjax import assets, checkpoint, distributed, interop, sharding
 from peftjax.models import gguf, hf_io
 
-from train import data, divergence, methods, preemption, steps, tasks
+from train import buckets, data_files, divergence, methods, preemption, run_record, steps, tasks, validate
 
 RANDOM_MODELS = ("", "random")
 ASSET = "asset:"
@@ -64,6 +67,15 @@ def resolve(spec: str) -> str:
   return spec if os.path.exists(spec) else hf_io.resolve(spec)
 
 
+def base_model_name(spec: str) -> str:
+  """What an adapter names as its base model (base_model_name_or_path), resolvable on another machine: the hub id
+  an asset model came from (else the "asset:" spec itself), or the path / hub id as the user gave it."""
+  if spec.startswith(ASSET):
+    package, _, relative = spec[len(ASSET):].partition("/")
+    return assets.hub_id(package, relative) or spec
+  return spec
+
+
 def scale_config(**overrides) -> ml_collections.ConfigDict:
   """A config.scale section: SCALE_DEFAULTS (documented there) with `overrides`."""
   return ml_collections.ConfigDict({**SCALE_DEFAULTS, **overrides})
@@ -72,51 +84,6 @@ def scale_config(**overrides) -> ml_collections.ConfigDict:
 def scale_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """config.scale with SCALE_DEFAULTS for the keys it leaves out."""
   return ml_collections.ConfigDict({**SCALE_DEFAULTS, **config.get("scale", ml_collections.ConfigDict()).to_dict()})
-
-
-def _check_scale(config: ml_collections.ConfigDict) -> None:
-  scale = scale_settings(config)
-  shape = tuple(scale.mesh_shape)
-  if (len(shape) != len(sharding.MESH_AXES) or not all(isinstance(s, int) and (s > 0 or s == -1) for s in shape)
-      or shape.count(-1) > 1):
-    raise ValueError(f"config.scale.mesh_shape={shape} must be {len(sharding.MESH_AXES)} sizes for the mesh axes "
-                     f"{sharding.MESH_AXES}, each a positive integer or -1 (at most one: the remaining devices).")
-  for rule in scale.logical_axis_rules:
-    targets = rule[1] if len(rule) == 2 and isinstance(rule[1], (tuple, list)) else rule[1:]
-    if len(rule) != 2 or not isinstance(rule[0], str) or any(t not in (*sharding.MESH_AXES, None) for t in targets):
-      raise ValueError(f"config.scale.logical_axis_rules holds {rule!r}; each rule is (logical axis name, mesh axis, "
-                       f"tuple of mesh axes or None) with mesh axes from {sharding.MESH_AXES}.")
-  if not isinstance(scale.micro_batches, int) or scale.micro_batches < 1 or config.batch_size % scale.micro_batches:
-    raise ValueError(f"config.scale.micro_batches={scale.micro_batches} must be a positive integer that divides "
-                     f"config.batch_size={config.batch_size}.")
-  for key, value in (("compute_dtype", config.compute_dtype), ("scale.frozen_dtype", scale.frozen_dtype)):
-    if value not in DTYPES:
-      raise ValueError(f"config.{key}={value!r} is not supported; valid: {sorted(DTYPES)}.")
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError (one sentence naming the key and what is valid) for a bad config value."""
-  if config.family not in tasks.FAMILIES:
-    raise ValueError(f"config.family={config.family!r} is not a known model family; valid: {sorted(tasks.FAMILIES)}.")
-  task = tasks.FAMILIES[config.family].task
-  data.check_task(task.kind, config.task)
-  methods.check(config)
-  if config.optimizer.decay not in steps.DECAYS:
-    raise ValueError(f"config.optimizer.decay={config.optimizer.decay!r} is not a known schedule; "
-                     f"valid: {list(steps.DECAYS)}.")
-  for key in ("batch_size", *task.length_keys, "log_every", "checkpoint_every", "keep_checkpoints"):
-    if key not in config:
-      raise ValueError(f"config.{key} is missing; a {task.kind} model needs {list(task.length_keys)}.")
-    if config[key] < 1:
-      raise ValueError(f"config.{key}={config[key]} must be a positive integer.")
-  for key in ("steps", "eval_every", "train_examples"):
-    if config[key] < 0:
-      raise ValueError(f"config.{key}={config[key]} must be 0 or a positive integer.")
-  if config.optimizer.learning_rate <= 0 or config.optimizer.grad_clip_norm <= 0:
-    raise ValueError(f"config.optimizer.learning_rate={config.optimizer.learning_rate} and grad_clip_norm="
-                     f"{config.optimizer.grad_clip_norm} must both be positive.")
-  _check_scale(config)
-  divergence.check_config(config)
 
 
 def make_mesh(config: ml_collections.ConfigDict):
@@ -146,7 +113,7 @@ def load_model(config: ml_collections.ConfigDict, num_labels: int = 2):
 
   The tokenizer is config.tokenizer, else the checkpoint's own, else the family's default.
   """
-  family = tasks.FAMILIES[config.family]
+  family = tasks.family(config)
   if config.model in RANDOM_MODELS:
     model = family.random_model(config.model_shape.to_dict(), num_labels)
     params = family.module.init_params(model, jax.random.fold_in(jax.random.key(config.seed), 0))
@@ -157,15 +124,15 @@ def load_model(config: ml_collections.ConfigDict, num_labels: int = 2):
   model = model.clone(dtype=DTYPES[config.compute_dtype])
   if scale_settings(config).remat:
     model = sharding.with_remat(model)
-  own = path is not None and (path.endswith(".gguf") or any(
-      os.path.exists(os.path.join(path, f)) for f in ("tokenizer_config.json", "tokenizer.json")))
+  own = validate.own_tokenizer(path)
   if not (config.tokenizer or own or family.default_tokenizer):
     raise ValueError(f"config.tokenizer is empty and the {config.family} model has no tokenizer of its own; "
                      "name a tokenizer folder or hub id.")
-  tokenizer_path = resolve(config.tokenizer) if config.tokenizer else path if own else resolve(family.default_tokenizer)
+  tokenizer_path = resolve(config.tokenizer) if config.tokenizer else own or resolve(family.default_tokenizer)
   tokenizer = load_tokenizer(tokenizer_path)
   if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
+  model = family.with_pad_token(model, tokenizer.pad_token_id)
   if len(tokenizer) > model.config.vocab_size:
     raise ValueError(f"the tokenizer at {tokenizer_path!r} has {len(tokenizer)} tokens but the model's vocab_size is "
                      f"{model.config.vocab_size}; use its own tokenizer or a larger config.model_shape.vocab_size.")
@@ -249,17 +216,18 @@ def _train_summary(metrics: list[dict], learning_rate: float, seconds: float) ->
 
 def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config, frozen_shardings,
            method_state=None) -> list[str]:
-  """Writes workdir/merged (+ tokenizer) and, for a method with adapters, workdir/adapter (+ workdir/base for a
-  random model); returns the folder names written.  The adapter is a Hugging Face PEFT folder for every method
-  PEFT has (with AdaLoRA's rank pattern from `method_state`), else an Orbax tree of the trained leaves.  A method
-  that cannot be folded into the weights (bottleneck adapters, prompts) gets no merged folder.  Every process
-  takes part in gathering the sharded trees; process 0 writes the files."""
-  family = tasks.FAMILIES[config.family]
+  """Writes, for a method with adapters, workdir/adapter (+ workdir/base for a random model) and, when
+  config.export_merged is on (always for full fine-tuning), workdir/merged (+ tokenizer); returns the folder names
+  written.  The adapter is a Hugging Face PEFT folder for every method PEFT has (with AdaLoRA's rank pattern from
+  `method_state`), else an Orbax tree of the trained leaves.  A method that cannot be folded into the weights
+  (bottleneck adapters, prompts) gets no merged folder.  Every process takes part in gathering the sharded trees;
+  process 0 writes the files."""
+  family = tasks.family(config)
   writer = jax.process_index() == 0
   written = []
   if method_cfg is not None:
     written.append("adapter")
-    base_name = resolve(config.model) if config.model.startswith(ASSET) else config.model  # a path PEFT can open
+    base_name = base_model_name(config.model)
     if config.model in RANDOM_MODELS:
       base_name = f"{workdir}/base"
       written.append("base")
@@ -278,6 +246,11 @@ def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config
       with output_folder(workdir, "adapter") as folder:
         if writer:
           interop.write_folder(folder, *files)
+  if method_cfg is not None and not config.get("export_merged", False):
+    if writer and methods.mergeable(method_cfg):
+      print(f"no {workdir}/merged (config.export_merged is off); `python -m train.merge --workdir {workdir} "
+            "--output DIR` writes the merged model")
+    return written
   if not methods.mergeable(method_cfg):
     if writer:
       print(f"config.method={config.method!r} cannot be folded into the weights, so there is no {workdir}/merged; "
@@ -295,20 +268,29 @@ def _metrics_line(step: int, metrics: dict) -> str:
   return f"step {step}: " + ", ".join(f"eval {name.replace('_', ' ')} {value:.4f}" for name, value in metrics.items())
 
 
-def main(config: ml_collections.ConfigDict) -> dict:
-  """Trains, evaluates before/after, checkpoints, exports; returns a summary with the final train state."""
-  check_config(config)
+def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -> dict:
+  """Trains, evaluates before/after, checkpoints, exports; returns a summary with the final train state.
+
+  A workdir holding a run of other settings is refused unless `allow_config_change`; a finished run rerun with
+  no more steps returns {'finished': True, ...} and rewrites nothing (`train.run_record`).
+  """
+  validate.check(config)
   scale = scale_settings(config)
   distributed.initialize(scale.coordinator_address, scale.num_processes, scale.process_id)  # before any JAX call
   mesh = make_mesh(config)
   workdir = config.workdir if _remote(config.workdir) else os.path.abspath(config.workdir)
-  if not _remote(workdir):
-    os.makedirs(workdir, exist_ok=True)
-  task = tasks.FAMILIES[config.family].task
-  train_set, held_out = data.split(data.load_task(task.kind, config.task), config.eval_examples,
-                                   config.train_examples)
-  num_labels = 1 + max(label for _, label in train_set + held_out) if task is tasks.SequenceClassification else 0
+  finished = run_record.check_rerun(config, workdir, allow_config_change)
+  if finished is not None:
+    print(f"the run in {workdir} finished at step {finished} and wrote its files there; nothing was rewritten "
+          "(raise config.steps to train on).")
+    return {"start_step": finished, "final_step": finished, "finished": True, "workdir": workdir, "config": config}
+  task = tasks.family(config).task
+  loaded = data_files.load(config, task.kind, workdir)
+  train_set, held_out = loaded.train, loaded.held_out
+  num_labels = loaded.num_labels() if task is tasks.SequenceClassification else 0
   model, params, tokenizer = load_model(config, num_labels)
+  if loaded.label_names and hasattr(model.config, "id2label"):  # the exported config.json names the labels
+    model = model.clone(config=dataclasses.replace(model.config, id2label=tuple(loaded.label_names)))
   train_data = task.tokenize(tokenizer, train_set, config)
   eval_data = task.tokenize(tokenizer, held_out, config)
   print(f"task {config.task}: {len(train_set)} training and {len(held_out)} held-out examples")
@@ -332,6 +314,8 @@ def main(config: ml_collections.ConfigDict) -> dict:
   evaluate = steps.make_evaluate(forward, task, config.batch_size, put_batch, exact_match)
   position = {"epoch": 0, "index": 0}
 
+  if jax.process_index() == 0:
+    run_record.write(workdir, config, loaded.label_names, num_labels)  # creates the workdir
   manager = checkpoint.manager(f"{workdir}/checkpoints", max_to_keep=config.keep_checkpoints)
   restored = checkpoint.restore(manager, sharding.abstract(state, shardings["state"]))  # newest intact step
   if restored is not None:
@@ -345,16 +329,17 @@ def main(config: ml_collections.ConfigDict) -> dict:
   print(_metrics_line(start_step, before))
   _log(writer, "eval", start_step, before)
 
-  indices = data.batch_indices(len(train_data["labels"]), config.batch_size, config.seed, position["epoch"],
-                               position["index"])
+  indices = buckets.batches(buckets.row_lengths(train_data), buckets.lengths_of(config, task), config.batch_size,
+                            config.seed, position["epoch"], position["index"])
   pending, start_time = [], time.perf_counter()
   last_log = start_time
   progress = tqdm.tqdm(total=config.steps, initial=min(start_step, config.steps), desc="train", unit="step")
   guard = divergence.Guard(config)
   with contextlib.closing(manager), preemption.Signals() as signals:
     for step in range(start_step + 1, config.steps + 1):
-      chosen, position = next(indices)
-      state, metrics = train_step(state, frozen, distributed.load_local(train_data, chosen, batch_sharding))
+      chosen, length, position = next(indices)
+      batch = distributed.load_local(buckets.cut(train_data, length, task), chosen, batch_sharding)
+      state, metrics = train_step(state, frozen, batch)
       if skipped := guard.observe(step, metrics):
         progress.write(skipped)
       pending.append(metrics)
@@ -388,6 +373,8 @@ def main(config: ml_collections.ConfigDict) -> dict:
   written = export(workdir, model, frozen, state["trainable"], method_cfg, tokenizer, config, shardings["frozen"],
                    state["method_state"])
   print("wrote " + " and ".join(f"{workdir}/{name}" for name in written))
+  if jax.process_index() == 0:
+    run_record.write(workdir, config, loaded.label_names, num_labels, final_step)
   return {"start_step": start_step, "final_step": final_step, "before": before, "after": after,
           "trainable_parameters": trainable_line, "train_seconds": train_seconds, "state": state,
           "frozen": frozen, "model": model, "method": method_cfg, "config": config, "workdir": workdir,

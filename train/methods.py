@@ -55,6 +55,7 @@ ADAPTER_PRESETS = {"houlsby": bottleneck_adapter.HoulsbyConfig, "pfeiffer": bott
 # Methods whose virtual tokens are input positions (prefix tuning adds keys and values instead).
 PROMPT_CONFIGS = (prompt_tuning.PromptTuningConfig, p_tuning.PTuningConfig)
 PLACEHOLDER = -1  # an input id no tokenizer produces: where a prompt method writes its virtual tokens
+CONFIG_FIELD = r"\b[A-Z]\w*Config\.(?=[a-z_])"  # "LoraConfig.rank" in a method's message: the key it names
 
 
 def names_or_regex(value: str) -> str | tuple[str, ...]:
@@ -73,7 +74,7 @@ def _build(make: Callable[..., Any], section: str, *args, renames: dict[str, str
     message = str(e).replace("AdaLoraConfig.total_step", "config.steps").replace("total_step", "config.steps")
     for field, key in (renames or {}).items():
       message = message.replace(field, f"config.{section}.{key}")
-    raise ValueError(re.sub(r"\b[A-Z]\w*Config\.", f"config.{section}.", message)) from None
+    raise ValueError(re.sub(CONFIG_FIELD, f"config.{section}.", message)) from None
 
 
 def _settings(config: ml_collections.ConfigDict, section: str, keys: tuple[str, ...]) -> dict:
@@ -196,7 +197,8 @@ def method_config(config: ml_collections.ConfigDict, model_type: str, tokenizer_
   check(config)
   if config.method == "full":
     return None
-  cfg = METHODS[config.method][1](config, model_type, tokenizer_path)
+  section, builder = METHODS[config.method]
+  cfg = _build(builder, section, config, model_type, tokenizer_path)
   saved = _saved(config)
   if not saved or config.method == "bitfit":
     return cfg

@@ -100,7 +100,8 @@ def make_train_step(forward, task, tx: optax.GradientTransformation, shardings: 
   `shardings` is {'state': train-state shardings, 'frozen': frozen-tree shardings} (`train.loop.shard`).
   Differentiates the mean cross-entropy (over the labels `task` aligns with the logits) with respect to
   state['trainable'] only, summing the gradients of `micro_batches` parts of the batch before one update.
-  Dropout uses fold_in(key(seed), step), so a resumed run draws the same masks.  A non-finite loss, gradient or
+  Dropout uses fold_in(key(seed), step) and each row's index in the batch (`peftjax.dropout`), so a resumed run, any
+  micro-batching and any mesh draw the same masks.  A non-finite loss, gradient or
   updated parameter keeps the state unchanged (metrics['skipped'] is 1, metrics['nonfinite'] says what; see
   `train.divergence`); the step counter still advances past the batch.
   `post_update(state, grads) -> state` (method hook: e.g. AdaLoRA's rank allocation) runs after the optimizer

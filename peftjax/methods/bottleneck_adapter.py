@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax import tree as ptree
+from peftjax import dropout, tree as ptree
 
 COLLECTION = "bottleneck"
 DOWN, UP = "adapter_down", "adapter_up"
@@ -263,8 +263,7 @@ def _adapter(cfg: BnConfig, host: nn.Module, x: jax.Array, collection: str = COL
   if gate is not None:
     out = out * gate(host, x)
   if cfg.dropout > 0.0 and host.has_rng("dropout"):
-    keep = jax.random.bernoulli(host.make_rng("dropout"), 1.0 - cfg.dropout, out.shape)
-    out = jnp.where(keep, out / (1.0 - cfg.dropout), 0.0)
+    out = dropout.drop(out, cfg.dropout, host.make_rng("dropout"))
   return out.astype(x.dtype)
 
 

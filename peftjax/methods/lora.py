@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax import tree as ptree
+from peftjax import dropout, tree as ptree
 
 COLLECTION = "lora"
 INITS = ("default", "gaussian", "pissa", "pissa_niter_N")
@@ -67,13 +67,15 @@ def _lookup(pattern: Pattern, path: str, default):
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
   """LoRA settings (HF PEFT: r, lora_alpha, lora_dropout, target_modules, exclude_modules, use_rslora,
-  rank_pattern, alpha_pattern, init_lora_weights).
+  rank_pattern, alpha_pattern, init_lora_weights, layers_to_transform, layers_pattern).
 
   `rank_pattern` / `alpha_pattern` map a module name (a regex, or a suffix of the dotted Hugging Face name
   such as "v" or "decoder.block.1.layer.0.SelfAttention.q") to that module's rank / alpha; the first
   matching key wins.  They may be given as dicts and are stored as tuples of pairs (the config stays
   hashable).  In a layer-stacked (scanned) model a pattern applies to the stacked module as a whole.
-  `init`: "default", "gaussian", "pissa" or "pissa_niter_N" (see `pissa_init`).
+  `init`: "default", "gaussian", "pissa" or "pissa_niter_N" (see `pissa_init`).  `layers_to_transform` (layer
+  numbers, an int or a tuple) restricts a list of target names to those layers, `layers_pattern` names the
+  module list that holds them (e.g. "layers"; default: the first numbered name), as in PEFT.
   """
 
   rank: int = 8
@@ -85,6 +87,8 @@ class LoraConfig:
   rank_pattern: Pattern = ()
   alpha_pattern: Pattern = ()
   init: str = "default"
+  layers_to_transform: tuple[int, ...] = ()
+  layers_pattern: tuple[str, ...] = ()
 
   def __post_init__(self):
     name = type(self).__name__
@@ -98,8 +102,15 @@ class LoraConfig:
       object.__setattr__(self, "targets", tuple(self.targets))
     if isinstance(self.exclude, list):
       object.__setattr__(self, "exclude", tuple(self.exclude))
+    for key, kind in (("layers_to_transform", int), ("layers_pattern", str)):
+      value = getattr(self, key)
+      object.__setattr__(self, key, (value,) if isinstance(value, kind) else tuple(value or ()))
     object.__setattr__(self, "rank_pattern", _pattern("rank_pattern", self.rank_pattern, int))
     object.__setattr__(self, "alpha_pattern", _pattern("alpha_pattern", self.alpha_pattern, float))
+
+  def target_paths(self, params: ptree.Tree) -> list[str]:
+    """The module paths of `params` these targets (exclude, layers_to_transform) select; ValueError if none."""
+    return ptree.match_targets(params, self.targets, self.exclude, self.layers_to_transform, self.layers_pattern)
 
   def module_rank(self, path: str) -> int:
     """Rank of the module at `path` ('/'-joined module path): its `rank_pattern` entry, else `rank`."""
@@ -127,7 +138,7 @@ def init(cfg: LoraConfig, rng: jax.Array, params: ptree.Tree) -> dict:
   if cfg.init.startswith("pissa"):
     raise ValueError(f"{type(cfg).__name__}.init={cfg.init!r} also replaces the base weights; call "
                      "peftjax.methods.lora.pissa_init(cfg, rng, params) -> (residual_params, adapters).")
-  paths = ptree.match_targets(params, cfg.targets, cfg.exclude)
+  paths = cfg.target_paths(params)
   flat = ptree.flatten(params)
   adapters = {}
   for path, key in zip(paths, jax.random.split(rng, len(paths))):
@@ -166,7 +177,7 @@ def pissa_init(cfg: LoraConfig, rng: jax.Array, params: ptree.Tree) -> tuple[dic
   if not match:
     raise ValueError(f"pissa_init needs {type(cfg).__name__}.init='pissa' or 'pissa_niter_N', got {cfg.init!r}.")
   niter = None if match.group(1) is None else int(match.group(1))
-  paths = ptree.match_targets(params, cfg.targets, cfg.exclude)
+  paths = cfg.target_paths(params)
   flat = ptree.flatten(params)
   adapters = {}
   for path, key in zip(paths, jax.random.split(rng, len(paths))):
@@ -246,8 +257,7 @@ def adapter_input(cfg: LoraConfig, module: nn.Module, x: jax.Array) -> jax.Array
   """`x` with LoRA dropout applied when `dropout_active`."""
   if not dropout_active(cfg, module):
     return x
-  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - cfg.dropout, x.shape)
-  return jnp.where(keep, x / (1.0 - cfg.dropout), 0.0).astype(x.dtype)
+  return dropout.drop(x, cfg.dropout, module.make_rng("dropout"))
 
 
 def low_rank_path(cfg: LoraConfig, module: nn.Module, collection: str, x: jax.Array) -> jax.Array:

@@ -2,9 +2,11 @@
 
 Each attention layer attends to k extra key/value positions before the tokens (the models' `prefix_kv`
 hooks): always attended, with the tokens' positions shifted by k, as Hugging Face PEFT passes them
-through past_key_values.  The prefixes of all layers form one table (k, layers * 2 * width), width =
-the key projection's output size (kv heads * head_dim); layer i's keys are columns block 2i and its
-values block 2i + 1, PEFT's layout.
+through past_key_values.  With `shift_positions=False` (AdapterHub's placement, which adds the prefixes inside
+attention: the MAM and UniPELT presets) the tokens keep the positions they have without prefixes (BERT /
+RoBERTa's embeddings, GPT-2's wpe, Llama's rotary angles); T5's relative position bias keeps PEFT's placement.
+The prefixes of all layers form one table (k, layers * 2 * width), width = the key projection's output size
+(kv heads * head_dim); layer i's keys are columns block 2i and its values block 2i + 1, PEFT's layout.
 
 `PrefixTuningConfig` trains the table through PEFT's PrefixEncoder reparameterisation
 (``prefix_projection=True``): an embedding (k, width) and ``transform`` = Linear(width, h), tanh,
@@ -39,7 +41,7 @@ import numpy as np
 
 from peftjax import tree as ptree
 from peftjax.methods import p_tuning, prompt_tuning
-from peftjax.models import t5
+from peftjax.models import bert, t5
 
 COLLECTION = "prefix_tuning"
 STACKS = ("encoder", "decoder")
@@ -50,12 +52,14 @@ KEY_KERNELS = {"attention/self/key/kernel": 1, "attn/c_attn/kernel": 3, "self_at
 
 @dataclasses.dataclass(frozen=True)
 class PrefixTuningConfig:
-  """Prefix tuning settings (HF PEFT PrefixTuningConfig: prefix_projection is `projection`)."""
+  """Prefix tuning settings, following Hugging Face PEFT's PrefixTuningConfig (prefix_projection is `projection`);
+  `shift_positions` False keeps the tokens' positions as AdapterHub does (see the module docstring)."""
 
   num_virtual_tokens: int = 20
   projection: bool = True
   encoder_hidden_size: int | None = None
   stacks: tuple[str, ...] = ("decoder",)
+  shift_positions: bool = True
 
   def __post_init__(self):
     name = type(self).__name__
@@ -69,7 +73,8 @@ class PrefixTuningConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PTuningV2Config(PrefixTuningConfig):
-  """P-tuning v2: prefix tuning of the plain per-layer table, no reparameterisation."""
+  """P-tuning v2: prefix tuning of the plain per-layer table, no reparameterisation (Hugging Face PEFT's
+  PrefixTuningConfig default, whose placement it follows)."""
 
   projection: bool = False
 
@@ -154,7 +159,28 @@ def _add_prefixes(cfg: PrefixTuningConfig, table: jax.Array, layout, module, met
     if args.get(arg) is not None:
       raise ValueError(f"{type(cfg).__name__} supplies {arg} itself; call the adapted model without {arg}.")
     args[arg] = kv[stack]
+  if not cfg.shift_positions:
+    _keep_positions(module, args, table.shape[0])
   return call(args)
+
+
+def _keep_positions(module, args: dict, k: int) -> None:
+  """Sets args' position_ids so that the model's prefix shift by k leaves the tokens' positions as without prefixes.
+
+  BERT / RoBERTa shift only their default positions, so those are passed unshifted; GPT-2 and Llama shift any
+  positions, so k is taken off first.  T5 (relative position bias) is left as it is.
+  """
+  if isinstance(module, t5.T5ForConditionalGeneration):
+    return
+  tokens = args["input_ids"] if args.get("input_ids") is not None else args["inputs_embeds"]
+  positions = args.get("position_ids")
+  if isinstance(module.config, bert.BertConfig):
+    if positions is None:
+      args["position_ids"] = bert.default_position_ids(module.config, args.get("input_ids"), tokens.shape[1])
+    return
+  if positions is None:
+    positions = args.get("cache_index", 0) + jnp.arange(tokens.shape[1])[None]
+  args["position_ids"] = positions - k
 
 
 def wrap(cfg: PrefixTuningConfig, apply_fn: Callable[..., Any], collection: str = COLLECTION) -> Callable[..., Any]:

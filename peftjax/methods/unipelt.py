@@ -8,10 +8,12 @@ one value per example, computed from that submodule's own input x (AdapterHub's 
   W_g (in, 1) ~ N(0, 0.02), b_g as a torch.nn.Linear bias, U(-1/sqrt(in), 1/sqrt(in)).
 * bottleneck adapter (default Pfeiffer / SeqBn, reduction factor 16): the adapter output times g, with g from
   the adapter's input.  W_g (d, 1) ~ N(0, 0.02), b_g = 0 (AdapterHub's bert init).
-* prefix tuning (default 10 positions, MLP reparameterisation of width 512): each attention layer's gate has
-  two outputs, g_k scales the prefix keys and g_v the prefix values, from the attention layer's input
-  (T5: the normalised one).  W_g (d, 2) ~ N(0, 0.02), b_g as a torch.nn.Linear bias.  A gate of 0 does not
-  remove the prefix: the queries then attend to k positions with zero keys and zero values.
+* prefix tuning (default 10 positions, MLP reparameterisation of width 512), placed as AdapterHub does: the
+  tokens keep their positions (`PrefixTuningConfig.shift_positions=False`).  Each attention layer's gate, from
+  the attention layer's input (T5: the normalised one), scales the prefix keys and values: with
+  `shared_gating` (AdapterHub's default) one output g scales both, otherwise g_k the keys and g_v the values.
+  W_g (d, 1 or 2) ~ N(0, 0.02), b_g as a torch.nn.Linear bias.  A gate of 0 does not remove the prefix: the
+  queries then attend to k positions with zero keys and zero values.
 
 Any submodule can be left out (None).  The adapter tree: ``{"lora": {<layer>/lora_A, lora_B, lora_gate/{kernel,
 bias}}, "adapter": {<host>/adapter_down, adapter_up, adapter_gate}, "prefix": <prefix tuning tree>,
@@ -50,12 +52,14 @@ PREFIX_HOSTS = {"attention/self/key/kernel": 2, "attn/c_attn/kernel": 2, "self_a
 
 @dataclasses.dataclass(frozen=True)
 class UniPeltConfig:
-  """UniPELT settings: the gated submodules' own configs (AdapterHub UniPELTConfig defaults); None leaves one out."""
+  """UniPELT settings, following AdapterHub's UniPELTConfig (its defaults): the gated submodules' own configs (None
+  leaves one out) and `shared_gating` (one prefix gate output for keys and values, else two)."""
 
   lora: lora.LoraConfig | None = lora.LoraConfig(rank=8, alpha=2.0)
   adapter: bn.BnConfig | None = bn.SeqBnConfig(reduction_factor=16)
   prefix: prefix_tuning.PrefixTuningConfig | None = prefix_tuning.PrefixTuningConfig(
-      num_virtual_tokens=10, encoder_hidden_size=512, stacks=("encoder", "decoder"))
+      num_virtual_tokens=10, encoder_hidden_size=512, stacks=("encoder", "decoder"), shift_positions=False)
+  shared_gating: bool = True
 
   def __post_init__(self):
     expected = {"lora": lora.LoraConfig, "adapter": bn.BnConfig, "prefix": prefix_tuning.PrefixTuningConfig}
@@ -117,7 +121,8 @@ def init(cfg: UniPeltConfig, rng: jax.Array, params: ptree.Tree) -> dict:
     keys = jax.random.split(jax.random.fold_in(k_gates, 2), len(hosts))
     tree["prefix_gates"] = ptree.unflatten({f"{host}/prefix_gate/{leaf}": value
                                             for (host, width_in), key in zip(sorted(hosts.items()), keys)
-                                            for leaf, value in _gate_init(key, width_in, 2, True).items()})
+                                            for leaf, value in _gate_init(key, width_in, 1 if cfg.shared_gating else 2,
+                                                                          True).items()})
   return tree
 
 
@@ -136,7 +141,7 @@ def _lora_interceptor(cfg: lora.LoraConfig):
 
 
 def _prefix_gate_interceptor(next_fun, args, kwargs, context):
-  """Scales the prefix keys and values an attention layer receives by its gates (g_k, g_v)."""
+  """Scales the prefix keys and values an attention layer receives by its gate (g, or g_k and g_v)."""
   module = context.module
   if context.method_name != "__call__" or not module.has_variable(PREFIX_GATES, "prefix_gate"):
     return next_fun(*args, **kwargs)
@@ -146,9 +151,9 @@ def _prefix_gate_interceptor(next_fun, args, kwargs, context):
   x = bound.arguments["x"]
   if isinstance(module, t5.T5LayerSelfAttention):
     x = module.layer_norm(x)  # T5's attention reads the normalised stream
-  g = gate(module, PREFIX_GATES, "prefix_gate", x)[:, :, None]  # (batch, 1, 1, 2) against (batch, k, heads, dim)
+  g = gate(module, PREFIX_GATES, "prefix_gate", x)[:, :, None]  # (batch, 1, 1, 1 or 2) vs (batch, k, heads, dim)
   keys, values = bound.arguments["prefix_kv"]
-  bound.arguments["prefix_kv"] = (keys * g[..., :1].astype(keys.dtype), values * g[..., 1:].astype(values.dtype))
+  bound.arguments["prefix_kv"] = (keys * g[..., :1].astype(keys.dtype), values * g[..., -1:].astype(values.dtype))
   return next_fun(*bound.args[1:], **bound.kwargs)
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import warnings
 from typing import Any, ClassVar, Mapping, NamedTuple
 
 import flax.linen as nn
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from peftjax import tree as ptree
+from peftjax.dropout import Dropout
 from peftjax.models import hf_io
 from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
@@ -108,17 +108,13 @@ class BertConfig:
         raise ValueError(f"config.json {key}=True is not supported; {cls.__name__} describes encoders only.")
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in names and k != "id2label"}
-    if hf.get("id2label"):
-      labels = {int(i): label for i, label in hf["id2label"].items()}
-      kwargs["id2label"] = tuple(labels[i] for i in range(len(labels)))
-    return cls(**kwargs)
+    return cls(**kwargs, id2label=hf_io.id2label_from_hf(hf))
 
   def to_hf(self, architecture: str | None = None) -> dict:
     """A config.json dict transformers accepts; `architecture` defaults to the base model (BertModel)."""
     hf = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "id2label"}
     if self.id2label:
-      hf["id2label"] = {str(i): label for i, label in enumerate(self.id2label)}
-      hf["label2id"] = {label: i for i, label in enumerate(self.id2label)}
+      hf.update(hf_io.label_fields(self.id2label, len(self.id2label)))
     architecture = architecture or type(self).__name__.removesuffix("Config") + "Model"
     return {**hf, "model_type": self.model_type, "architectures": [architecture]}
 
@@ -163,7 +159,7 @@ class BertEmbeddings(nn.Module):
     self.token_type_embeddings = _embed(c.type_vocab_size, ("token_types", "embed"), c,
                                         name="token_type_embeddings", **kw)
     self.LayerNorm = _layer_norm(c, **kw)
-    self.dropout = nn.Dropout(c.hidden_dropout_prob)
+    self.dropout = Dropout(c.hidden_dropout_prob)
 
   def __call__(self, input_ids, token_type_ids, position_ids, inputs_embeds, deterministic: bool):
     embeddings = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
@@ -195,7 +191,7 @@ class BertSelfAttention(nn.Module):
     scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * c.head_dim ** -0.5
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-    probs = nn.Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+    probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, value.astype(self.dtype))
     return out.reshape(*out.shape[:2], c.hidden_size)
 
@@ -211,7 +207,7 @@ class BertSelfOutput(nn.Module):
   def __call__(self, h, residual, deterministic: bool):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense_layer(c.hidden_size, ("joined_kv", "embed"), c, name="dense", **kw)(h)
-    h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+    h = Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
     return _layer_norm(c, **kw)(h + residual)
 
 
@@ -240,7 +236,7 @@ class BertOutput(nn.Module):
   def __call__(self, h, residual, deterministic: bool):
     c, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense_layer(c.hidden_size, ("mlp", "embed"), c, name="dense", **kw)(h)
-    h = nn.Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
+    h = Dropout(c.hidden_dropout_prob)(h, deterministic=deterministic)
     return _layer_norm(c, **kw)(h + residual)
 
 
@@ -396,7 +392,7 @@ def base_model(head: nn.Module, add_pooling_layer: bool) -> BertModel:
 def classifier(head: nn.Module, x, deterministic: bool, name: str = "classifier"):
   """dropout (classifier_dropout, else hidden_dropout_prob), then a Dense to num_labels."""
   c = head.config
-  x = nn.Dropout(c.classifier_dropout_rate)(x, deterministic=deterministic)
+  x = Dropout(c.classifier_dropout_rate)(x, deterministic=deterministic)
   return dense_layer(head.num_labels, ("embed", "classes"), c, name=name, dtype=head.dtype,
                 param_dtype=head.param_dtype)(x)
 
@@ -506,21 +502,10 @@ def load(path_or_hub_id: str, config_cls: type, architectures: Mapping[str, type
       return f"{base}.{key}"
     return key
 
-  abstract = ptree.flatten(jax.eval_shape(functools.partial(init_params, model), jax.random.key(0)))
-  head = ("classifier/", f"{base}/pooler/")
-  new = sorted(p for p in abstract if p.startswith(head) and rename(p) not in state)
-  params = hf_io.params_from_state_dict(state, ptree.unflatten({p: s for p, s in abstract.items() if p not in new}),
-                                        rename=rename, dtype=dtype)
-  if new:  # a task head the checkpoint lacks: transformers' init (normal(initializer_range) weights, zero biases)
-    warnings.warn(f"{type(model).__name__}: {[rename(p) for p in new]} are not in the checkpoint and were newly "
-                  "initialised; train them before use.")
-    keys = jax.random.split(jax.random.key(0) if rng is None else rng, len(new))
-    flat = ptree.flatten(params)
-    for path, key in zip(new, keys):
-      spec = abstract[path]
-      flat[path] = (jax.random.normal(key, spec.shape, dtype) * config.initializer_range
-                    if path.endswith("/kernel") else jnp.zeros(spec.shape, dtype))
-    params = ptree.unflatten(flat)
+  abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
+  # a task head the checkpoint lacks gets transformers' init
+  params = hf_io.params_with_new_head(state, abstract, ("classifier/", f"{base}/pooler/"), type(model).__name__,
+                                      config.initializer_range, rng, rename=rename, dtype=dtype)
   if scan_layers or remat:
     model = model.clone(scan_layers=scan_layers, remat=remat)
   return model, stack_layers(params) if scan_layers else params

@@ -14,9 +14,11 @@ Llama 3.1+ files keep the "llama3" RoPE scaling as per-frequency factors (`rope_
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
+import types
 
 import numpy as np
 
@@ -104,6 +106,20 @@ def llama3_rope_scaling(rope_factors: np.ndarray, rope_theta: float, head_dim: i
   return scaling
 
 
+def _reader(path: str):
+  """gguf-py's (memory-mapped) reader of `path`; parsing the header takes seconds, so the last one is kept for
+  the config check, the weights and the tokenizer of one run."""
+  from gguf import GGUFReader
+  stat = os.stat(path)
+  return _cached_reader(os.path.abspath(path), stat.st_mtime_ns, stat.st_size, GGUFReader)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_reader(path: str, mtime_ns: int, size: int, make):
+  del mtime_ns, size  # part of the cache key: a rewritten file is read again
+  return make(path)
+
+
 def _field(reader, key: str, default=None):
   field = reader.fields.get(key)
   return default if field is None else field.contents()
@@ -152,9 +168,8 @@ def config_from_metadata(reader, tensors: dict[str, np.ndarray]) -> dict:
 
 def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(Hugging Face config dict, {Hugging Face tensor name: float32 array in PyTorch layout}) of a GGUF file."""
-  from gguf import GGUFReader
   from gguf.quants import dequantize
-  reader = GGUFReader(path)
+  reader = _reader(path)
   raw = {}
   for tensor in reader.tensors:
     shape = [int(n) for n in reversed(tensor.shape)]
@@ -171,10 +186,48 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   return config, raw
 
 
+def _metadata(reader) -> dict:
+  """{key: value} of the file's general.* and tokenizer.* metadata (gguf-py's reader; no torch)."""
+  return {key: field.contents() for key, field in reader.fields.items()
+          if key.startswith(("general.", "tokenizer."))}
+
+
+def read_config(path: str) -> dict:
+  """The Hugging Face config dict of a GGUF file from its metadata and tensor shapes alone (no weights are read,
+  beyond the small rope_freqs table)."""
+  from gguf.quants import dequantize
+  reader = _reader(path)
+  tensors = {}
+  for tensor in reader.tensors:
+    shape = tuple(int(n) for n in reversed(tensor.shape))
+    if tensor.name == _ROPE_FREQS:
+      tensors[_ROPE_FREQS] = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
+    else:
+      tensors[hf_name(tensor.name)] = types.SimpleNamespace(shape=shape)  # only its shape is looked at
+  return config_from_metadata(reader, tensors)
+
+
 def load_tokenizer(path: str):
-  """The transformers tokenizer stored in a GGUF file (or in the one .gguf of a folder)."""
-  from transformers import AutoTokenizer
+  """The transformers tokenizer stored in a GGUF file (or in the one .gguf of a folder).
+
+  The metadata is read with gguf-py and handed to transformers' GGUF tokenizer converter, so no torch is
+  needed (transformers' own GGUF reader imports it).
+  """
+  from transformers import PreTrainedTokenizerFast
+  from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
   file = find(path)
   if file is None:
     raise FileNotFoundError(f"{path!r} is neither a .gguf file nor a folder holding one.")
-  return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(file)), gguf_file=os.path.basename(file))
+  metadata = _metadata(_reader(file))
+  grouped = {group: {name: metadata[f"tokenizer.{key}"] for key, name in renames.items()
+                     if f"tokenizer.{key}" in metadata}
+             for group, renames in mapping.GGUF_TOKENIZER_MAPPING.items()}
+  tokenizer, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+  if tokenizer.get("tokenizer_type") == "llama":  # llama.cpp adds BOS to a sentencepiece vocabulary by default
+    tokenizer_config.setdefault("add_bos_token", True)
+  for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"),
+                    ("pad_token", "padding_token_id")):
+    token_id = metadata.get(f"tokenizer.ggml.{key}")
+    tokenizer_config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
+  backend, extra = mapping.convert_gguf_tokenizer(metadata["general.architecture"], tokenizer)
+  return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=file, **tokenizer_config, **extra)

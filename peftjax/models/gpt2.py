@@ -11,6 +11,9 @@ targets ("c_attn", ...) work as in Hugging Face PEFT.  With `scan_layers` the bl
 `nn.scan`ned module ``transformer/h`` whose leaves have a leading layer axis (`stack_layers` /
 `unstack_layers` convert between the two layouts).
 
+`GPT2ForSequenceClassification` puts a bias-free ``score`` Dense on each row's last token (the rightmost one that
+is not config.pad_token_id, as transformers finds it, for either padding side).
+
 Hooks for prompt methods: `inputs_embeds` replaces the token embeddings; `prefix_kv` (one (key, value)
 pair per layer, each (batch, n_prefix, n_head, head_dim)) is prepended to every layer's keys and
 values, always attended, and shifts the tokens' positions by n_prefix (as Hugging Face PEFT prefix
@@ -29,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import tree as ptree
-from peftjax.models import hf_io, sampling
+from peftjax.dropout import Dropout
+from peftjax.models import hf_io, layers, sampling
 from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
 _ACTIVATIONS = {
@@ -50,6 +54,7 @@ class GPT2Config:
   """GPT-2 hyper-parameters under their Hugging Face names (defaults: openai-community/gpt2).
 
   Attention scores and softmax are always float32, so `reorder_and_upcast_attn` needs no separate path.
+  `id2label` holds the label names of a classification checkpoint, in label order.
   """
 
   vocab_size: int = 50257
@@ -71,6 +76,7 @@ class GPT2Config:
   bos_token_id: int | None = 50256
   eos_token_id: int | tuple[int, ...] | None = 50256
   pad_token_id: int | None = None
+  id2label: tuple[str, ...] = ()
 
   def __post_init__(self):
     if self.activation_function not in _ACTIVATIONS:
@@ -90,12 +96,16 @@ class GPT2Config:
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any]) -> GPT2Config:
     """From a Hugging Face config.json dict; unknown keys are ignored."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in names})
+    names = {f.name for f in dataclasses.fields(cls)} - {"id2label"}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in names}
+    return cls(**kwargs, id2label=hf_io.id2label_from_hf(hf))
 
-  def to_hf(self) -> dict:
-    """A config.json dict that transformers' GPT2LMHeadModel accepts."""
-    return {**dataclasses.asdict(self), "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}
+  def to_hf(self, architecture: str = "GPT2LMHeadModel") -> dict:
+    """A config.json dict that transformers' `architecture` (GPT2LMHeadModel, GPT2ForSequenceClassification) accepts."""
+    hf = {k: v for k, v in dataclasses.asdict(self).items() if k != "id2label"}
+    if self.id2label:
+      hf.update(hf_io.label_fields(self.id2label, len(self.id2label)))
+    return {**hf, "model_type": "gpt2", "architectures": [architecture]}
 
 
 def _normal(std: float, axes: tuple[str, ...]):
@@ -126,8 +136,8 @@ class GPT2Attention(nn.Module):
     self.c_attn = _dense(3 * c.n_embd, ("embed", "joined_kv"), c.initializer_range, name="c_attn", **kw)
     self.c_proj = _dense(c.n_embd, ("joined_kv", "embed"), c.initializer_range / (2 * c.n_layer) ** 0.5,
                          name="c_proj", **kw)
-    self.attn_dropout = nn.Dropout(c.attn_pdrop)
-    self.resid_dropout = nn.Dropout(c.resid_pdrop)
+    self.attn_dropout = Dropout(c.attn_pdrop)
+    self.resid_dropout = Dropout(c.resid_pdrop)
 
   def __call__(self, x, layer_idx, mask, prefix_kv, cache, cache_index, deterministic: bool):
     """x (batch, q, n_embd); mask (batch, 1, q, keys) is True where attending is allowed.
@@ -168,7 +178,7 @@ class GPT2MLP(nn.Module):
     h = _ACTIVATIONS[c.activation_function](_dense(c.inner_dim, ("embed", "mlp"), c.initializer_range,
                                                    name="c_fc", **kw)(x))
     h = _dense(c.n_embd, ("mlp", "embed"), c.initializer_range / (2 * c.n_layer) ** 0.5, name="c_proj", **kw)(h)
-    return nn.Dropout(c.resid_pdrop)(h, deterministic=deterministic)
+    return Dropout(c.resid_pdrop)(h, deterministic=deterministic)
 
 
 class GPT2Block(nn.Module):
@@ -205,7 +215,7 @@ class GPT2Model(nn.Module):
     self.wte = nn.Embed(c.vocab_size, c.n_embd, embedding_init=_normal(std, ("vocab", "embed")), name="wte", **kw)
     self.wpe = nn.Embed(c.n_positions, c.n_embd, embedding_init=_normal(std, ("positions", "embed")), name="wpe",
                         **kw)
-    self.drop = nn.Dropout(c.embd_pdrop)
+    self.drop = Dropout(c.embd_pdrop)
     block = GPT2Block
     if self.remat:  # static_argnums counts self as 0: `deterministic` is argument 7
       block = nn.remat(block, static_argnums=(7,), prevent_cse=not self.scan_layers)
@@ -247,6 +257,22 @@ def _attention_mask(attention_mask, query_length: int, cache_index, n_prefix: in
   return allowed
 
 
+def _hidden(head: nn.Module, input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, cache, cache_index,
+            deterministic):
+  """`head.transformer`'s final hidden states and cache, with the default positions and masks."""
+  if (input_ids is None) == (inputs_embeds is None):
+    raise ValueError(f"{type(head).__name__} takes exactly one of input_ids and inputs_embeds.")
+  embeddings = head.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds.astype(head.dtype)
+  batch, length = embeddings.shape[:2]
+  n_prefix = 0 if prefix_kv is None else prefix_kv[0][0].shape[1]
+  if position_ids is None:
+    position_ids = cache_index + jnp.arange(length)[None]
+  if attention_mask is None:
+    attention_mask = jnp.ones((batch, length if cache is None else cache["key"].shape[2]), jnp.int32)
+  mask = _attention_mask(attention_mask, length, cache_index, n_prefix)
+  return head.transformer(embeddings, position_ids + n_prefix, mask, prefix_kv, cache, cache_index, deterministic)
+
+
 class GPT2LMHeadModel(nn.Module):
   """GPT-2 with its language-modelling head; `__call__` returns logits (batch, length, vocab)."""
 
@@ -270,20 +296,6 @@ class GPT2LMHeadModel(nn.Module):
       return self.transformer.wte.attend(hidden)
     return self.lm_head(hidden)
 
-  def _hidden(self, input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, cache, cache_index,
-              deterministic):
-    if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError("GPT2LMHeadModel takes exactly one of input_ids and inputs_embeds.")
-    embeddings = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
-    batch, length = embeddings.shape[:2]
-    n_prefix = 0 if prefix_kv is None else prefix_kv[0][0].shape[1]
-    if position_ids is None:
-      position_ids = cache_index + jnp.arange(length)[None]
-    if attention_mask is None:
-      attention_mask = jnp.ones((batch, length if cache is None else cache["key"].shape[2]), jnp.int32)
-    mask = _attention_mask(attention_mask, length, cache_index, n_prefix)
-    return self.transformer(embeddings, position_ids + n_prefix, mask, prefix_kv, cache, cache_index, deterministic)
-
   def __call__(self, input_ids=None, attention_mask=None, position_ids=None, deterministic: bool = True,
                inputs_embeds=None, prefix_kv=None):
     """Logits for a causally masked sequence.
@@ -292,8 +304,8 @@ class GPT2LMHeadModel(nn.Module):
     (Hugging Face's forward ignores padding for positions; `generate` counts only real tokens).  With
     `prefix_kv` the positions (given or default) are shifted by n_prefix, as in Hugging Face PEFT.
     """
-    hidden, _ = self._hidden(input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, None, 0,
-                             deterministic)
+    hidden, _ = _hidden(self, input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, None, 0,
+                        deterministic)
     return self.logits(hidden)
 
   def decode(self, input_ids, attention_mask, position_ids, cache, cache_index, prefix_kv=None, inputs_embeds=None):
@@ -302,9 +314,42 @@ class GPT2LMHeadModel(nn.Module):
     attention_mask (batch, cache length) marks the cache slots that hold tokens (not padding).  With
     input_ids None, `inputs_embeds` (batch, length, hidden) are the inputs.
     """
-    hidden, cache = self._hidden(input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, cache,
-                                 cache_index, True)
+    hidden, cache = _hidden(self, input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, cache,
+                            cache_index, True)
     return self.logits(hidden[:, -1]), cache
+
+
+class GPT2ForSequenceClassification(nn.Module):
+  """GPT2Model (under ``transformer/``) and a bias-free Dense ``score`` on each row's last token.
+
+  Returns logits (batch, num_labels).  The last token is the rightmost one that is not config.pad_token_id
+  (`peftjax.models.layers.last_token`, as transformers), or the last position for `inputs_embeds`.
+  """
+
+  config: GPT2Config
+  num_labels: int = 2
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: bool = False
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.transformer = GPT2Model(c, scan_layers=self.scan_layers, remat=self.remat, name="transformer", **kw)
+    self.score = nn.Dense(self.num_labels, use_bias=False, name="score", **kw,
+                          kernel_init=_normal(c.initializer_range, ("embed", "classes")))
+
+  def __call__(self, input_ids=None, attention_mask=None, position_ids=None, deterministic: bool = True,
+               inputs_embeds=None, prefix_kv=None):
+    """Logits (batch, num_labels); arguments as GPT2LMHeadModel's."""
+    hidden, _ = _hidden(self, input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, None, 0,
+                        deterministic)
+    return self.score(layers.last_token(hidden, input_ids, self.config.pad_token_id, type(self).__name__))
+
+
+# `task` of from_pretrained -> the model class.
+TASKS = {"causal_lm": GPT2LMHeadModel, "sequence_classification": GPT2ForSequenceClassification}
 
 
 def init_cache(config: GPT2Config, batch: int, length: int, dtype=jnp.float32) -> dict:
@@ -326,19 +371,25 @@ def unstack_layers(tree: Mapping[str, Any]) -> dict:
   return ptree.unstack_layers(tree, LAYER_LIST)
 
 
-def _is_lm_head(path: str) -> bool:
-  """Only lm_head is a PyTorch Linear (out, in); GPT-2's Conv1D weights are stored (in, out) like ours."""
-  return path == "lm_head/kernel"
+def _is_linear(path: str) -> bool:
+  """Only the heads are PyTorch Linears (out, in); GPT-2's Conv1D weights are stored (in, out) like ours."""
+  return path in ("lm_head/kernel", "score/kernel")
 
 
-def from_pretrained(path_or_hub_id: str, dtype=None, scan_layers: bool = False,
-                    remat: bool = False) -> tuple[GPT2LMHeadModel, dict]:
-  """(model, params) from a Hugging Face GPT-2 folder or hub id (GPT2LMHeadModel or GPT2Model weights).
+def from_pretrained(path_or_hub_id: str, dtype=None, scan_layers: bool = False, remat: bool = False,
+                    task: str | None = None, num_labels: int | None = None,
+                    rng: jax.Array | None = None) -> tuple[nn.Module, dict]:
+  """(model, params) from a Hugging Face GPT-2 folder or hub id (GPT2LMHeadModel, GPT2ForSequenceClassification or
+  GPT2Model weights).
 
-  `dtype` is the compute and parameter dtype (float32 when None).
+  `task` None builds the class config.json's architectures names (GPT2LMHeadModel when none of ours);
+  "causal_lm" or "sequence_classification" choose one.  A score head the checkpoint lacks is initialised from
+  `rng` (with a warning); `num_labels` defaults to the checkpoint's id2label, else 2.  `dtype` is the compute and
+  parameter dtype (float32 when None).
   """
   folder = hf_io.resolve(path_or_hub_id)
-  config = GPT2Config.from_hf(hf_io.read_config(folder))
+  hf = hf_io.read_config(folder)
+  config = GPT2Config.from_hf(hf)
   state = hf_io.read_state_dict(folder)
   has_prefix = any(k.startswith("transformer.") for k in state)  # GPT2LMHeadModel; GPT2Model has none
 
@@ -346,20 +397,21 @@ def from_pretrained(path_or_hub_id: str, dtype=None, scan_layers: bool = False,
     return hf_io.hf_key(path) if has_prefix else hf_io.hf_key(path).removeprefix("transformer.")
 
   dtype = jnp.dtype(dtype or jnp.float32)
-  model = GPT2LMHeadModel(config, dtype=dtype, param_dtype=dtype)
+  model = layers.build(layers.model_class(hf, task, TASKS), config, num_labels, dtype)
   abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
-  params = hf_io.params_from_state_dict(state, abstract, rename=rename, transpose=_is_lm_head, dtype=dtype)
+  params = hf_io.params_with_new_head(state, abstract, ("score/",), type(model).__name__, config.initializer_range,
+                                      rng, rename=rename, transpose=_is_linear, dtype=dtype)
   if scan_layers or remat:
     model = model.clone(scan_layers=scan_layers, remat=remat)
   return model, stack_layers(params) if scan_layers else params
 
 
-def save_pretrained(model: GPT2LMHeadModel, params: dict, folder: str) -> None:
-  """Writes config.json + model.safetensors that transformers' GPT2LMHeadModel loads."""
+def save_pretrained(model: nn.Module, params: dict, folder: str) -> None:
+  """Writes config.json + model.safetensors that transformers' class of the same name loads."""
   if model.scan_layers:
     params = unstack_layers(params)
-  state = hf_io.state_dict_from_params(params, rename=hf_io.hf_key, transpose=_is_lm_head)
-  hf_io.write_folder(folder, model.config.to_hf(), state)
+  state = hf_io.state_dict_from_params(params, rename=hf_io.hf_key, transpose=_is_linear)
+  hf_io.write_folder(folder, layers.hf_config(model, model.config.to_hf(type(model).__name__)), state)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos",

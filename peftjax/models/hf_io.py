@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Any, Callable, Mapping
 
 import jax
@@ -100,6 +101,42 @@ def params_from_state_dict(state: Mapping[str, np.ndarray], abstract: Any,
     raise ValueError("checkpoint does not fit the model: " + "; ".join(
         ([f"missing tensors {missing}"] if missing else []) + mismatched))
   return ptree.unflatten(out)
+
+
+def params_with_new_head(state: Mapping[str, np.ndarray], abstract: Any, head: tuple[str, ...], owner: str,
+                         initializer_range: float, rng: jax.Array | None, rename: Callable[[str], str] = hf_key,
+                         transpose: Callable[[str], bool] = lambda path: path.endswith("/kernel"),
+                         dtype=None) -> dict:
+  """`params_from_state_dict`, except that leaves under the `head` path prefixes (a task head) that the checkpoint
+  lacks are initialised as transformers does (normal(initializer_range) kernels from `rng`, zero biases), with a
+  warning naming them and `owner` (the model class)."""
+  flat = ptree.flatten(abstract)
+  new = sorted(p for p in flat if p.startswith(head) and rename(p) not in state)
+  params = ptree.flatten(params_from_state_dict(state, ptree.unflatten({p: s for p, s in flat.items() if p not in new}),
+                                                rename=rename, transpose=transpose, dtype=dtype))
+  if new:
+    warnings.warn(f"{owner}: {[rename(p) for p in new]} are not in the checkpoint and were newly initialised; "
+                  "train them before use.")
+    keys = jax.random.split(jax.random.key(0) if rng is None else rng, len(new))
+    for path, key in zip(new, keys):
+      spec = flat[path]
+      params[path] = (jax.random.normal(key, spec.shape, dtype or spec.dtype) * initializer_range
+                      if path.endswith("/kernel") else jax.numpy.zeros(spec.shape, dtype or spec.dtype))
+  return ptree.unflatten(params)
+
+
+def id2label_from_hf(hf: Mapping[str, Any]) -> tuple[str, ...]:
+  """config.json's id2label ({"0": "negative", ...}) as the label names in label order; () when it has none."""
+  labels = {int(i): label for i, label in (hf.get("id2label") or {}).items()}
+  return tuple(labels[i] for i in range(len(labels)))
+
+
+def label_fields(id2label: tuple[str, ...], num_labels: int) -> dict:
+  """config.json's id2label / label2id for a head of `num_labels` classes: the names when they are as many, else
+  LABEL_0, LABEL_1, ... as transformers names them."""
+  names = id2label if len(id2label) == num_labels else tuple(f"LABEL_{i}" for i in range(num_labels))
+  return {"id2label": {str(i): name for i, name in enumerate(names)},
+          "label2id": {name: i for i, name in enumerate(names)}}
 
 
 def state_dict_from_params(params: Any, rename: Callable[[str], str] = hf_key,

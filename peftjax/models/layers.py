@@ -1,12 +1,16 @@
-"""Pieces the model files share: the RMS norm of T5 and Llama, random initialisation and logical axes."""
+"""Pieces the model files share: the RMS norm of T5 and Llama, random initialisation and logical axes, and the
+decoder families' task classes (causal LM, sequence classifier)."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from peftjax.models import hf_io
 
 
 class RMSNorm(nn.Module):
@@ -37,3 +41,50 @@ def init_params(model: nn.Module, rng: jax.Array, *inputs: jax.Array) -> dict:
 def logical_axes(model: nn.Module, *inputs: jax.Array) -> dict:
   """Tree of logical-axis PartitionSpecs with the structure of the parameters (`inputs` as in `init_params`)."""
   return nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(0), *_inputs(inputs))["params"])
+
+
+def last_token(hidden: jax.Array, input_ids: jax.Array | None, pad_token_id: int | None, owner: str) -> jax.Array:
+  """(batch, hidden) at each row's last token, as transformers' decoder classifiers find it.
+
+  That is the rightmost position whose id is not `pad_token_id` (so left and right padding both work; a row of
+  padding only reads position 0), or the last position when `pad_token_id` is None or the inputs are embeddings
+  (`input_ids` None, e.g. under prompt tuning).  Like transformers, a batch of several rows needs a pad id.
+  """
+  batch, length = hidden.shape[:2]
+  if pad_token_id is None and batch != 1:
+    raise ValueError(f"{owner} reads each row's last token, which needs config.pad_token_id in a batch of {batch} "
+                     "rows; set it to the tokenizer's pad token id.")
+  if pad_token_id is None or input_ids is None:
+    return hidden[:, -1]
+  last = jnp.argmax(jnp.arange(length) * (input_ids != pad_token_id), axis=-1)
+  return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
+def model_class(hf: Mapping[str, Any], task: str | None, tasks: Mapping[str, type]) -> type:
+  """`tasks[task]` (a family's {task: model class}), or for task None the classifier when config.json's
+  architectures name a ...ForSequenceClassification class, else the causal LM."""
+  if task is None:
+    classifier = any(a.endswith("ForSequenceClassification") for a in hf.get("architectures") or ())
+    task = "sequence_classification" if classifier else "causal_lm"
+  if task not in tasks:
+    raise ValueError(f"task={task!r} is not supported; valid: None (config.json architectures), {sorted(tasks)}.")
+  return tasks[task]
+
+
+def build(cls: type, config: Any, num_labels: int | None, dtype) -> nn.Module:
+  """`cls(config)` in `dtype`; a classifier gets `num_labels` (default: the config's id2label, else 2) and keeps
+  the config's label names only when they are as many."""
+  kw = dict(dtype=dtype, param_dtype=dtype)
+  if "num_labels" not in cls.__dataclass_fields__:
+    return cls(config, **kw)
+  num_labels = num_labels or len(config.id2label) or 2
+  if len(config.id2label) != num_labels:
+    config = dataclasses.replace(config, id2label=())
+  return cls(config, num_labels=num_labels, **kw)
+
+
+def hf_config(model: nn.Module, hf: dict) -> dict:
+  """config.json dict `hf` of `model`, with a classifier's id2label / label2id for its num_labels classes."""
+  if hasattr(model, "num_labels"):
+    hf = {**hf, **hf_io.label_fields(model.config.id2label, model.num_labels)}
+  return hf

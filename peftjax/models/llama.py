@@ -21,6 +21,10 @@ Hugging Face's past_key_values) is prepended to every layer's keys and values, a
 by sliding-window layers), and the tokens' rotary positions start at n_prefix, as Hugging Face PEFT
 prefix tuning does through past_key_values.
 
+`LlamaForSequenceClassification` (transformers' Llama / Mistral / Qwen2ForSequenceClassification) puts a
+bias-free ``score`` Dense on each row's last token (the rightmost one that is not config.pad_token_id, as
+transformers finds it, for either padding side).
+
 GGUF files (llama.cpp) load through `from_pretrained` as well; see `peftjax.models.gguf`.
 """
 
@@ -37,12 +41,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import tree as ptree
+from peftjax.dropout import Dropout
 from peftjax.models import gguf, hf_io, layers, sampling
 from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full_attention", "sliding_attention")
+# `task` -> the suffix of transformers' class name (LlamaForCausalLM, MistralForSequenceClassification, ...).
+TASK_SUFFIXES = {"causal_lm": "ForCausalLM", "sequence_classification": "ForSequenceClassification"}
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
@@ -62,7 +69,8 @@ class LlamaConfig:
   dict ({"rope_type": "llama3", "factor": 8.0, ...}); it is stored as sorted (key, value) pairs so the
   config stays hashable.  `sliding_window` applies to every Mistral layer, and to the Qwen2 layers
   that `layer_types` marks "sliding_attention" (derived from `use_sliding_window` / `max_window_layers`
-  when not given, as transformers does); for Llama and Mistral `layer_types` is always derived.
+  when not given, as transformers does); for Llama and Mistral `layer_types` is always derived.  `id2label`
+  holds the label names of a classification checkpoint, in label order.
   """
 
   model_type: str = "llama"
@@ -90,6 +98,7 @@ class LlamaConfig:
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
   pad_token_id: int | None = None
+  id2label: tuple[str, ...] = ()
 
   def __post_init__(self):
     set_ = functools.partial(object.__setattr__, self)
@@ -137,19 +146,23 @@ class LlamaConfig:
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any]) -> LlamaConfig:
     """From a Hugging Face config.json dict (rope_theta/rope_scaling or transformers 5's rope_parameters)."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cls)} - {"id2label"}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in names}
     rope = dict(hf.get("rope_parameters") or {})
     if rope:
       kwargs["rope_theta"] = rope.pop("rope_theta", hf.get("rope_theta", cls.rope_theta))
       kwargs["rope_scaling"] = rope
-    return cls(**kwargs)
+    return cls(**kwargs, id2label=hf_io.id2label_from_hf(hf))
 
-  def to_hf(self) -> dict:
-    """A config.json dict that transformers' Llama / Mistral / Qwen2 ForCausalLM class accepts."""
-    skip = {"attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types"}
+  def to_hf(self, task: str = "causal_lm") -> dict:
+    """A config.json dict that transformers' Llama / Mistral / Qwen2 class for `task` (TASKS) accepts."""
+    skip = {"attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
+            "id2label"}
     hf = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
-    hf.update(model_type=self.model_type, architectures=[ARCHITECTURES[self.model_type]],
+    if self.id2label:
+      hf.update(hf_io.label_fields(self.id2label, len(self.id2label)))
+    architecture = ARCHITECTURES[self.model_type].replace("ForCausalLM", TASK_SUFFIXES[task])
+    hf.update(model_type=self.model_type, architectures=[architecture],
               rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None)
     if self.model_type == "llama":
       hf.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
@@ -246,7 +259,7 @@ class LlamaAttention(nn.Module):
     self.v_proj = _dense(c.num_key_value_heads * c.head_dim, ("embed", "joined_kv"), use_bias=c.qkv_bias,
                          name="v_proj", **kw)
     self.o_proj = _dense(c.hidden_size, ("joined_kv", "embed"), use_bias=c.o_bias, name="o_proj", **kw)
-    self.dropout = nn.Dropout(c.attention_dropout)
+    self.dropout = Dropout(c.attention_dropout)
 
   def __call__(self, x, cos, sin, mask, prefix_kv, cache, cache_index, deterministic: bool):
     """x (batch, q, hidden); mask (batch, 1, q, keys) is True where attending is allowed.
@@ -381,6 +394,22 @@ def attention_masks(config: LlamaConfig, attention_mask, query_length: int, cach
   return full, windowed
 
 
+def _hidden(head: nn.Module, input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, cache, cache_index,
+            deterministic):
+  """`head.model`'s final hidden states and cache, with the default positions and masks."""
+  if (input_ids is None) == (inputs_embeds is None):
+    raise ValueError(f"{type(head).__name__} takes exactly one of input_ids and inputs_embeds.")
+  embeddings = head.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(head.dtype)
+  batch, length = embeddings.shape[:2]
+  n_prefix = 0 if prefix_kv is None else prefix_kv[0][0].shape[1]
+  if position_ids is None:
+    position_ids = cache_index + jnp.arange(length)[None]
+  if attention_mask is None:
+    attention_mask = jnp.ones((batch, length if cache is None else cache["key"].shape[2]), jnp.int32)
+  masks = attention_masks(head.config, attention_mask, length, cache_index, n_prefix)
+  return head.model(embeddings, position_ids + n_prefix, masks, prefix_kv, cache, cache_index, deterministic)
+
+
 class LlamaForCausalLM(nn.Module):
   """A Llama-family model with its language-modelling head; `__call__` returns logits (batch, length, vocab)."""
 
@@ -404,20 +433,6 @@ class LlamaForCausalLM(nn.Module):
       return self.model.embed_tokens.attend(hidden)
     return self.lm_head(hidden)
 
-  def _hidden(self, input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, cache, cache_index,
-              deterministic):
-    if (input_ids is None) == (inputs_embeds is None):
-      raise ValueError("LlamaForCausalLM takes exactly one of input_ids and inputs_embeds.")
-    embeddings = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.dtype)
-    batch, length = embeddings.shape[:2]
-    n_prefix = 0 if prefix_kv is None else prefix_kv[0][0].shape[1]
-    if position_ids is None:
-      position_ids = cache_index + jnp.arange(length)[None]
-    if attention_mask is None:
-      attention_mask = jnp.ones((batch, length if cache is None else cache["key"].shape[2]), jnp.int32)
-    masks = attention_masks(self.config, attention_mask, length, cache_index, n_prefix)
-    return self.model(embeddings, position_ids + n_prefix, masks, prefix_kv, cache, cache_index, deterministic)
-
   def __call__(self, input_ids=None, attention_mask=None, position_ids=None, deterministic: bool = True,
                inputs_embeds=None, prefix_kv=None):
     """Logits for a causally masked sequence.
@@ -426,8 +441,8 @@ class LlamaForCausalLM(nn.Module):
     (as Hugging Face's forward; `generate` counts only real tokens).  With `prefix_kv` the positions
     (given or default) are shifted by n_prefix, as in Hugging Face PEFT.
     """
-    hidden, _ = self._hidden(input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, None, 0,
-                             deterministic)
+    hidden, _ = _hidden(self, input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, None, 0,
+                        deterministic)
     return self.logits(hidden)
 
   def decode(self, input_ids, attention_mask, position_ids, cache, cache_index, prefix_kv=None, inputs_embeds=None):
@@ -436,9 +451,42 @@ class LlamaForCausalLM(nn.Module):
     attention_mask (batch, cache length) marks the cache slots that hold tokens (not padding).  With
     input_ids None, `inputs_embeds` (batch, length, hidden) are the inputs.
     """
-    hidden, cache = self._hidden(input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, cache,
-                                 cache_index, True)
+    hidden, cache = _hidden(self, input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, cache,
+                            cache_index, True)
     return self.logits(hidden[:, -1]), cache
+
+
+class LlamaForSequenceClassification(nn.Module):
+  """LlamaModel (under ``model/``) and a bias-free Dense ``score`` on each row's last token.
+
+  Returns logits (batch, num_labels).  The last token is the rightmost one that is not config.pad_token_id
+  (`peftjax.models.layers.last_token`, as transformers), or the last position for `inputs_embeds`.
+  """
+
+  config: LlamaConfig
+  num_labels: int = 2
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scan_layers: bool = False
+  remat: bool = False
+
+  def setup(self):
+    c = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    self.model = LlamaModel(c, scan_layers=self.scan_layers, remat=self.remat, name="model", **kw)
+    self.score = nn.Dense(self.num_labels, use_bias=False, name="score", **kw,
+                          kernel_init=_normal(c.initializer_range, ("embed", "classes")))
+
+  def __call__(self, input_ids=None, attention_mask=None, position_ids=None, deterministic: bool = True,
+               inputs_embeds=None, prefix_kv=None):
+    """Logits (batch, num_labels); arguments as LlamaForCausalLM's."""
+    hidden, _ = _hidden(self, input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, None, 0,
+                        deterministic)
+    return self.score(layers.last_token(hidden, input_ids, self.config.pad_token_id, type(self).__name__))
+
+
+# `task` of from_pretrained -> the model class.
+TASKS = {"causal_lm": LlamaForCausalLM, "sequence_classification": LlamaForSequenceClassification}
 
 
 def init_cache(config: LlamaConfig, batch: int, length: int, dtype=jnp.float32) -> dict:
@@ -460,14 +508,18 @@ def unstack_layers(tree: Mapping[str, Any]) -> dict:
   return ptree.unstack_layers(tree, LAYER_LIST)
 
 
-def from_pretrained(path_or_hub_id: str, dtype=None, scan_layers: bool = False,
-                    remat: bool = False) -> tuple[LlamaForCausalLM, dict]:
+def from_pretrained(path_or_hub_id: str, dtype=None, scan_layers: bool = False, remat: bool = False,
+                    task: str | None = None, num_labels: int | None = None,
+                    rng: jax.Array | None = None) -> tuple[nn.Module, dict]:
   """(model, params) from a Hugging Face Llama / Mistral / Qwen2 folder or hub id, or a GGUF file.
 
   A folder holds config.json + model.safetensors (or sharded safetensors with an index); a `.gguf` file,
   or a folder holding exactly one and no config.json, is read with `peftjax.models.gguf` (dequantised).
-  `dtype` is the compute and parameter dtype (float32 when None).  The head is tied exactly when the
-  config says `tie_word_embeddings`, as in transformers.
+  `task` None builds the class config.json's architectures names (the causal LM when none of ours);
+  "causal_lm" or "sequence_classification" choose one.  A score head the checkpoint lacks is initialised
+  from `rng` (with a warning); `num_labels` defaults to the checkpoint's id2label, else 2.  `dtype` is the
+  compute and parameter dtype (float32 when None).  The head is tied exactly when the config says
+  `tie_word_embeddings`, as in transformers.
   """
   gguf_path = gguf.find(path_or_hub_id)
   if gguf_path is not None:
@@ -477,19 +529,22 @@ def from_pretrained(path_or_hub_id: str, dtype=None, scan_layers: bool = False,
     hf_config, state = hf_io.read_config(folder), hf_io.read_state_dict(folder)
   config = LlamaConfig.from_hf(hf_config)
   dtype = jnp.dtype(dtype or jnp.float32)
-  model = LlamaForCausalLM(config, dtype=dtype, param_dtype=dtype)
+  model = layers.build(layers.model_class(hf_config, task, TASKS), config, num_labels, dtype)
   abstract = jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
-  params = hf_io.params_from_state_dict(state, abstract, dtype=dtype)
+  params = hf_io.params_with_new_head(state, abstract, ("score/",), type(model).__name__, config.initializer_range,
+                                      rng, dtype=dtype)
   if scan_layers or remat:
     model = model.clone(scan_layers=scan_layers, remat=remat)
   return model, stack_layers(params) if scan_layers else params
 
 
-def save_pretrained(model: LlamaForCausalLM, params: dict, folder: str) -> None:
-  """Writes config.json + model.safetensors that transformers' Llama / Mistral / Qwen2 class loads."""
+def save_pretrained(model: nn.Module, params: dict, folder: str) -> None:
+  """Writes config.json + model.safetensors that transformers' Llama / Mistral / Qwen2 class of the model's task
+  loads."""
   if model.scan_layers:
     params = unstack_layers(params)
-  hf_io.write_folder(folder, model.config.to_hf(), hf_io.state_dict_from_params(params))
+  task = next(task for task, cls in TASKS.items() if isinstance(model, cls))
+  hf_io.write_folder(folder, layers.hf_config(model, model.config.to_hf(task)), hf_io.state_dict_from_params(params))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "apply_fn"))

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from peftjax.dropout import Dropout
 from peftjax.models import bert
 from peftjax.models.bert import (default_position_ids, init_params, logical_axes, save_pretrained,  # noqa: F401
                                  stack_layers, unstack_layers)
@@ -49,7 +50,7 @@ class RobertaClassificationHead(nn.Module):
   @nn.compact
   def __call__(self, hidden, deterministic: bool):
     c = self.config
-    x = nn.Dropout(c.classifier_dropout_rate)(hidden[:, 0], deterministic=deterministic)
+    x = Dropout(c.classifier_dropout_rate)(hidden[:, 0], deterministic=deterministic)
     dense = bert.dense_layer(c.hidden_size, ("embed", "mlp"), c, self.dtype, self.param_dtype, name="dense")
     x = jnp.tanh(dense(x))
     return bert.classifier(self, x, deterministic, name="out_proj")

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peftjax.dropout import Dropout
 from peftjax.models import hf_io, layers, sampling
 
 _ACTIVATIONS = {
@@ -155,7 +156,7 @@ class T5Attention(nn.Module):
       init = nn.with_logical_partitioning(nn.initializers.normal(c.d_model ** -0.5), ("relpos_buckets", "heads"))
       self.relative_attention_bias = nn.Embed(c.relative_attention_num_buckets, c.num_heads, embedding_init=init,
                                               name="relative_attention_bias", **kw)
-    self.dropout = nn.Dropout(c.dropout_rate)
+    self.dropout = Dropout(c.dropout_rate)
 
   def _heads(self, x):
     return x.reshape(*x.shape[:-1], self.config.num_heads, self.config.d_kv)
@@ -195,7 +196,7 @@ class T5LayerSelfAttention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.SelfAttention = T5Attention(self.config, self.has_relative_attention_bias, not self.is_decoder, **kw)
     self.layer_norm = layers.RMSNorm(self.config.layer_norm_epsilon, **kw)
-    self.dropout = nn.Dropout(self.config.dropout_rate)
+    self.dropout = Dropout(self.config.dropout_rate)
 
   def __call__(self, x, mask, position_bias, deterministic: bool, cache=None, position=None, prefix_kv=None):
     """With `cache` ({'k', 'v'} of the whole decoder length), writes this step's keys/values at `position`;
@@ -224,7 +225,7 @@ class T5LayerCrossAttention(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.EncDecAttention = T5Attention(self.config, **kw)
     self.layer_norm = layers.RMSNorm(self.config.layer_norm_epsilon, **kw)
-    self.dropout = nn.Dropout(self.config.dropout_rate)
+    self.dropout = Dropout(self.config.dropout_rate)
 
   def __call__(self, x, key_value, mask, deterministic: bool):
     out = self.EncDecAttention(self.layer_norm(x), key_value, mask, None, deterministic)
@@ -248,7 +249,7 @@ class T5DenseReluDense(nn.Module):
       h = h * _dense(c.d_ff, ("embed", "mlp"), c.d_model ** -0.5, name="wi_1", **kw)(x)
     else:
       h = act(_dense(c.d_ff, ("embed", "mlp"), c.d_model ** -0.5, name="wi", **kw)(x))
-    h = nn.Dropout(c.dropout_rate)(h, deterministic=deterministic)
+    h = Dropout(c.dropout_rate)(h, deterministic=deterministic)
     return _dense(c.d_model, ("mlp", "embed"), c.d_ff ** -0.5, name="wo", **kw)(h)
 
 
@@ -262,7 +263,7 @@ class T5LayerFF(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = layers.RMSNorm(self.config.layer_norm_epsilon, name="layer_norm", **kw)(x)
     h = T5DenseReluDense(self.config, name="DenseReluDense", **kw)(h, deterministic)
-    return x + nn.Dropout(self.config.dropout_rate)(h, deterministic=deterministic)
+    return x + Dropout(self.config.dropout_rate)(h, deterministic=deterministic)
 
 
 class T5Block(nn.Module):
@@ -308,7 +309,7 @@ class T5Stack(nn.Module):
     block = nn.remat(T5Block, static_argnums=(4,)) if self.remat else T5Block  # self is 0: `deterministic` is 4
     self.block = [block(c, self.is_decoder, i == 0, **kw) for i in range(depth)]
     self.final_layer_norm = layers.RMSNorm(c.layer_norm_epsilon, **kw)
-    self.dropout = nn.Dropout(c.dropout_rate)
+    self.dropout = Dropout(c.dropout_rate)
 
   def cross_key_values(self, encoder_hidden_states):
     """Per decoder block, the cross-attention keys and values of the encoder output."""

@@ -1,0 +1,207 @@
+"""`check(config)`: every config section validated before any data or weights are loaded.
+
+Each bad setting raises one ValueError sentence naming `config.<section>.<key>`, the value and what is valid:
+the top-level keys and sections (family, task, method, optimizer, lengths, scale), the model and tokenizer
+locations (an existing folder or .gguf file, an asset, or a hub id that resolves), the workdir (a folder that
+can be written, created by nobody here), and the method config(s), built and applied to the model's parameter
+shapes (`jax.eval_shape` of its init: no weights are read), so that a target list matching nothing is reported
+with the module names that exist.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import tempfile
+
+import jax
+import ml_collections
+
+import peftjax as pj
+from peftjax import sharding
+from peftjax.models import gguf, hf_io
+
+from train import buckets, data_files, divergence, loop, methods, steps, tasks
+
+MODEL_HELP = ('a checkpoint folder (config.json + safetensors), a .gguf file, "asset:<package>/<path>", a hub id, '
+              'or "random"')
+
+
+def _check_scale(config: ml_collections.ConfigDict) -> None:
+  scale = loop.scale_settings(config)
+  shape = tuple(scale.mesh_shape)
+  if (len(shape) != len(sharding.MESH_AXES) or not all(isinstance(s, int) and (s > 0 or s == -1) for s in shape)
+      or shape.count(-1) > 1):
+    raise ValueError(f"config.scale.mesh_shape={shape} must be {len(sharding.MESH_AXES)} sizes for the mesh axes "
+                     f"{sharding.MESH_AXES}, each a positive integer or -1 (at most one: the remaining devices).")
+  for rule in scale.logical_axis_rules:
+    targets = rule[1] if len(rule) == 2 and isinstance(rule[1], (tuple, list)) else rule[1:]
+    if len(rule) != 2 or not isinstance(rule[0], str) or any(t not in (*sharding.MESH_AXES, None) for t in targets):
+      raise ValueError(f"config.scale.logical_axis_rules holds {rule!r}; each rule is (logical axis name, mesh axis, "
+                       f"tuple of mesh axes or None) with mesh axes from {sharding.MESH_AXES}.")
+  if not isinstance(scale.micro_batches, int) or scale.micro_batches < 1 or config.batch_size % scale.micro_batches:
+    raise ValueError(f"config.scale.micro_batches={scale.micro_batches} must be a positive integer that divides "
+                     f"config.batch_size={config.batch_size}.")
+  for key, value in (("compute_dtype", config.compute_dtype), ("scale.frozen_dtype", scale.frozen_dtype)):
+    if value not in loop.DTYPES:
+      raise ValueError(f"config.{key}={value!r} is not supported; valid: {sorted(loop.DTYPES)}.")
+
+
+def check_sections(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError (one sentence naming the key and what is valid) for a bad top-level value or section."""
+  if config.family not in tasks.FAMILIES:
+    raise ValueError(f"config.family={config.family!r} is not a known model family; valid: {sorted(tasks.FAMILIES)}.")
+  task = tasks.family(config).task
+  data_files.check_task(task.kind, config.task)
+  data_files.settings(config)
+  methods.check(config)
+  if config.optimizer.decay not in steps.DECAYS:
+    raise ValueError(f"config.optimizer.decay={config.optimizer.decay!r} is not a known schedule; "
+                     f"valid: {list(steps.DECAYS)}.")
+  for key in ("batch_size", *task.length_keys, "log_every", "checkpoint_every", "keep_checkpoints"):
+    if key not in config:
+      raise ValueError(f"config.{key} is missing; a {task.kind} model needs {list(task.length_keys)}.")
+    if config[key] < 1:
+      raise ValueError(f"config.{key}={config[key]} must be a positive integer.")
+  for key in ("steps", "eval_every", "train_examples"):
+    if config[key] < 0:
+      raise ValueError(f"config.{key}={config[key]} must be 0 or a positive integer.")
+  if config.eval_examples < 1:
+    raise ValueError(f"config.eval_examples={config.eval_examples} must be a positive integer.")
+  if config.optimizer.learning_rate <= 0 or config.optimizer.grad_clip_norm <= 0:
+    raise ValueError(f"config.optimizer.learning_rate={config.optimizer.learning_rate} and grad_clip_norm="
+                     f"{config.optimizer.grad_clip_norm} must both be positive.")
+  _check_scale(config)
+  divergence.check_config(config)
+  buckets.lengths_of(config, task)
+
+
+def location(key: str, spec: str) -> str:
+  """The local path of config.<key> (`spec`: asset, path or hub id, downloaded when online), or a ValueError
+  sentence saying why it cannot be found."""
+  if spec.startswith(loop.ASSET):
+    try:
+      return loop.resolve(spec)
+    except (ValueError, FileNotFoundError) as e:
+      raise ValueError(f"config.{key}={spec!r} names no installed asset: {e}") from None
+  if os.path.exists(spec):
+    return spec
+  from huggingface_hub.utils import HFValidationError, validate_repo_id
+  try:
+    validate_repo_id(spec)
+    hub_id = not spec.startswith(("/", "./", "../", "~")) and not spec.endswith(".gguf")
+  except HFValidationError:
+    hub_id = False
+  if not hub_id:
+    raise ValueError(f"config.{key}={spec!r} is neither an existing file or folder nor a hub id; give "
+                     f"{MODEL_HELP}.")
+  try:
+    return hf_io.resolve(spec)
+  except Exception as e:  # huggingface_hub's many errors (offline, not found, gated, network): one sentence
+    why = ("HF_HUB_OFFLINE is set and it is not in the local cache" if os.environ.get("HF_HUB_OFFLINE", "0") not in
+           ("0", "") else f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+    raise ValueError(f"config.{key}={spec!r} is not a local path and cannot be fetched from the Hugging Face hub "
+                     f"({why}); give {MODEL_HELP}.") from None
+
+
+def abstract_model(config: ml_collections.ConfigDict, path: str | None):
+  """(model, parameter shapes) of config.model at `path` (None: the random model): built from config.json or the
+  GGUF metadata, with `jax.eval_shape` of the init (no weights read)."""
+  family = tasks.family(config)
+  if path is None:
+    try:
+      model = family.random_model(config.model_shape.to_dict(), 2)
+      return model, _shapes(family, model)
+    except (TypeError, ValueError) as e:
+      reason = str(e).strip().splitlines()[0]
+      raise ValueError(f"config.model_shape does not make a {config.family} model ({reason}); its keys are Hugging "
+                       f"Face {family.config_cls.__name__} fields, sizes positive.") from None
+  try:
+    gguf_file = gguf.find(path) if config.family == "llama" else None
+    hf_config = gguf.read_config(gguf_file) if gguf_file else _folder_config(path)
+  except ValueError as e:
+    raise ValueError(str(e) if str(e).startswith("config.") else f"config.model={config.model!r}: {e}") from None
+  module = pj.models.FAMILIES.get(hf_config.get("model_type"))
+  if module != family.module.__name__:
+    fits = sorted(name for name, f in tasks.FAMILIES.items() if f.module.__name__ == module)
+    raise ValueError(f"config.model={config.model!r} is a {hf_config.get('model_type')!r} checkpoint but "
+                     f"config.family={config.family!r}; valid families for it: {fits}.")
+  heads = {"num_labels": 2} if family.task is tasks.SequenceClassification else {}
+  model = family.model_cls(family.config_cls.from_hf(hf_config), **heads)
+  return model, _shapes(family, model)
+
+
+def _shapes(family, model):
+  return jax.eval_shape(functools.partial(family.module.init_params, model), jax.random.key(0))
+
+
+def _folder_config(path: str) -> dict:
+  if not os.path.isdir(path):
+    raise ValueError(f"config.model={path!r} is a file but not a .gguf; give {MODEL_HELP}.")
+  try:
+    return hf_io.read_config(path)
+  except FileNotFoundError:
+    raise ValueError(f"config.model={path!r} holds no config.json (nor one .gguf file); give {MODEL_HELP}.") from None
+
+
+def _targets_key(section: str) -> str:
+  return "lora_targets" if section == "unipelt" else "targets"
+
+
+def check_method(config: ml_collections.ConfigDict, model, params, tokenizer_path: str) -> None:
+  """Builds the method config(s) and initialises them on the parameter shapes `params` (under eval_shape)."""
+  method_cfg = methods.method_config(config, getattr(model.config, "model_type", config.family), tokenizer_path)
+  if method_cfg is None:
+    return
+  section = methods.METHODS[config.method][0]
+  key = _targets_key(section)
+  typed = config[section].get(key) if section in config else None
+  try:
+    jax.eval_shape(functools.partial(pj.init, method_cfg), jax.random.key(0), params)
+  except re.error as e:
+    raise ValueError(f"config.{section}.{key}={typed!r} is not a valid regex ({e}); give module names separated by "
+                     "commas, \"all-linear\" or a regex.") from None
+  except ValueError as e:
+    message = re.sub(r"^ModulesToSaveConfig\.modules=.*? match no module",
+                     f"config.modules_to_save={config.get('modules_to_save')!r} matches no module", str(e))
+    message = re.sub(r"^(?:\w*Config\.)?targets=.*? match no linear module",
+                     f"config.{section}.{key}={typed!r} matches no linear module", message)
+    raise ValueError(re.sub(methods.CONFIG_FIELD, f"config.{section}.", message)) from None
+
+
+def check_workdir(workdir: str) -> None:
+  """Raises ValueError unless `workdir` is a folder, or can be made one, that this user can write (creates
+  nothing)."""
+  if "://" in workdir:
+    return
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"config.workdir={workdir!r} is a file; give a folder (new or one of an earlier run).")
+  existing = os.path.abspath(workdir)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f"config.workdir={workdir!r} cannot be created: {existing!r} is a file.")
+  try:  # a probe folder, removed at once: permissions, read-only mounts and pseudo file systems all show
+    os.rmdir(tempfile.mkdtemp(prefix=".peftjax-probe-", dir=existing))
+  except OSError as e:
+    raise ValueError(f"config.workdir={workdir!r} cannot be written: {existing!r} refuses new folders "
+                     f"({e.strerror}).") from None
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """Validates every section of `config` before any data or weights are loaded (see the module docstring)."""
+  check_sections(config)
+  check_workdir(config.workdir)
+  path = None if config.model in loop.RANDOM_MODELS else location("model", config.model)
+  tokenizer = location("tokenizer", config.tokenizer) if config.tokenizer else ""
+  model, params = abstract_model(config, path)
+  default = tasks.FAMILIES[config.family].default_tokenizer
+  check_method(config, model, params, tokenizer or own_tokenizer(path) or (loop.resolve(default) if default else ""))
+
+
+def own_tokenizer(path: str | None) -> str:
+  """`path` when the checkpoint there has its own tokenizer (a .gguf file, or tokenizer files), else ""."""
+  own = path is not None and (path.endswith(".gguf") or any(
+      os.path.exists(os.path.join(path, f)) for f in ("tokenizer_config.json", "tokenizer.json")))
+  return path if own else ""
