@@ -31,9 +31,11 @@ def nonfinite_counts(tree: Any) -> dict[str, int]:
   """{leaf path: number of NaN / inf values} for the floating-point leaves of `tree` that hold any."""
   named = [(_name(path), leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
            if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
-  counts = {name: _device_count(leaf) if isinstance(leaf, jax.Array) else np.sum(~np.isfinite(np.asarray(leaf)))
-            for name, leaf in named}  # device counts are dispatched together, then read
-  return {name: int(count) for name, count in counts.items() if int(count)}
+  # Each device count is read before the next is dispatched: on CPU processes joined by gloo, several reductions in
+  # flight at once can pair their collectives differently on each process and wait forever.
+  counts = {name: int(_device_count(leaf) if isinstance(leaf, jax.Array) else np.sum(~np.isfinite(np.asarray(leaf))))
+            for name, leaf in named}
+  return {name: count for name, count in counts.items() if count}
 
 
 def all_finite(tree: Any) -> bool:
