@@ -248,7 +248,7 @@ NONFINITE = {1: "loss", 2: "gradients", 4: "updated parameters or optimizer stat
 
 def nonfinite_flags(loss: jax.Array, grad_norm: jax.Array, updated: Any) -> jax.Array:
   """int32 sum of the NONFINITE bits of what is NaN or inf: the loss, the gradient norm, any updated leaf."""
-  leaves = [x for x in jax.tree.leaves(updated) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [x for x in map(jnp.asarray, jax.tree.leaves(updated)) if jnp.issubdtype(x.dtype, jnp.inexact)]
   params_finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves])) if leaves else jnp.bool_(True)
   return sum(bit * (~ok).astype(jnp.int32)
              for bit, ok in zip(NONFINITE, (jnp.isfinite(loss), jnp.isfinite(grad_norm), params_finite)))

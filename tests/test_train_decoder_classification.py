@@ -13,12 +13,12 @@ import torch
 import transformers
 
 import train
-from train import loop, steps, tasks
+from train import loop, steps, tasks, validate
 
 import test_train  # tests/ is on sys.path under pytest
 
 TINY = {"steps": 6, "batch_size": 8, "max_length": 24, "eval_examples": 32, "train_examples": 64, "log_every": 3,
-        "checkpoint_every": 6, "model_shape.n_embd": 32, "model_shape.n_positions": 40}
+        "checkpoint_every": 6, "model_shape.n_embd": 32, "model_shape.n_positions": 40, "export_merged": True}
 
 
 def _run(tmp_path, **overrides) -> dict:
@@ -85,9 +85,9 @@ def test_prompt_tuning_on_the_decoder_classifier_matches_peft(tmp_path):
 def test_bad_task_type_gives_one_clear_sentence(tmp_path):
   config = test_train.load_config("lora_gpt2_sentiment", None, workdir=str(tmp_path), task_type="tagging")
   with pytest.raises(ValueError, match=r"config.task_type='tagging' is not a known task type; valid: "):
-    loop.check_config(config)
+    validate.check_sections(config)
   config = test_train.load_config("lora_t5", None, workdir=str(tmp_path))
   config.task_type = "sequence_classification"
   with pytest.raises(ValueError, match=r"not available for config.family='t5'; families with a sequence classifier: "
                                        r"\['bert', 'gpt2', 'llama', 'roberta'\]"):
-    loop.check_config(config)
+    validate.check_sections(config)

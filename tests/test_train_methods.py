@@ -48,7 +48,7 @@ PEFT_TYPES = {"adalora": "ADALORA", "prompt_tuning": "PROMPT_TUNING", "p_tuning"
 
 def tiny_config(workdir, method: str, **overrides) -> ml_collections.ConfigDict:
   """configs/prefix_tuning_gpt2.py (it holds config.prompt) shrunk to TINY, with the other method sections."""
-  config = test_train_zoo.load_config("prefix_tuning_gpt2", workdir, method=method, export_merged=True,
+  config = test_train_zoo.load_config("prefix_tuning_gpt2", workdir, method=method,
                                       **{**TINY, "optimizer.learning_rate": LEARNING_RATES[method]})
   for name, section in SECTIONS.items():
     config[name] = ml_collections.ConfigDict(section)
