@@ -19,7 +19,7 @@ from peftjax import tree as ptree
 from peftjax.methods import modules_to_save
 from peftjax.models import gpt2, llama
 
-from tiny_models import perturb_torch  # tests/ is on sys.path under pytest
+from tiny_models import perturb_torch, saved_checkpoints  # tests/ is on sys.path under pytest
 
 PAD = 0
 LABELS = ("negative", "neutral", "positive")
@@ -52,14 +52,7 @@ def _torch_classifier(kind: str, pad_token_id: int | None = PAD):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
   """{kind: folder written by transformers' save_pretrained}, created on first use."""
-  folders = {}
-
-  def folder(kind: str) -> str:
-    if kind not in folders:
-      folders[kind] = str(tmp_path_factory.mktemp(kind))
-      _torch_classifier(kind).save_pretrained(folders[kind])
-    return folders[kind]
-  return folder
+  return saved_checkpoints(tmp_path_factory, _torch_classifier)
 
 
 def _batch(vocab: int, left: bool) -> dict:

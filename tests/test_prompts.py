@@ -26,7 +26,7 @@ from peftjax.methods import p_tuning, prefix_tuning, prompt_tuning
 from peftjax.models import gpt2, llama, t5
 
 from compare import assert_same_tokens  # tests/ is on sys.path under pytest
-from tiny_models import perturb_torch
+from tiny_models import perturb_torch, saved_checkpoints
 
 K = 4  # virtual tokens
 # kind -> (transformers class, config, peft task type)
@@ -71,14 +71,7 @@ def _torch_model(kind: str):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
   """{kind: folder written by transformers' save_pretrained}, created on first use."""
-  folders = {}
-
-  def folder(kind: str) -> str:
-    if kind not in folders:
-      folders[kind] = str(tmp_path_factory.mktemp(kind))
-      _torch_model(kind).save_pretrained(folders[kind])
-    return folders[kind]
-  return folder
+  return saved_checkpoints(tmp_path_factory, _torch_model)
 
 
 def _batch(kind: str) -> dict:

@@ -82,3 +82,15 @@ def perturb_torch(model):
       elif not any(e in name for e in ("embed", "wte", "wpe", "shared")):
         param.normal_(0.0, 0.15)
   return model.eval()
+
+
+def saved_checkpoints(tmp_path_factory, make_model):
+  """folder(kind): a folder written by `make_model(kind).save_pretrained`, created on first use."""
+  folders = {}
+
+  def folder(kind: str) -> str:
+    if kind not in folders:
+      folders[kind] = str(tmp_path_factory.mktemp(kind))
+      make_model(kind).save_pretrained(folders[kind])
+    return folders[kind]
+  return folder
