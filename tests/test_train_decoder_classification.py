@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import train
-from train import loop, steps, tasks, validate
+from train import inference, loop, predict, steps, tasks, validate
 
 import test_train  # tests/ is on sys.path under pytest
 
@@ -34,6 +34,12 @@ def _batch(result: dict) -> dict:
                   truncation=True, return_tensors="np")
   return {"input_ids": enc["input_ids"].astype(np.int32), "attention_mask": enc["attention_mask"].astype(np.int32),
           "labels": np.zeros(2, np.int32)}
+
+
+def _predicted(source, batch_size: int = 2) -> np.ndarray:
+  """`train.predict`'s logits of _batch's two sentences, read from `source` (a workdir, PEFT or model folder)."""
+  records = predict.predict(inference.load(str(source)), ["a gripping, funny film", "dull"], batch_size=batch_size)
+  return np.asarray([r["logits"] for r in records])
 
 
 def _ours(result: dict, batch: dict) -> np.ndarray:
@@ -68,6 +74,10 @@ def test_lora_gpt2_sentiment_trains_and_peft_loads_the_seq_cls_folder(tmp_path):
   np.testing.assert_allclose(_torch(merged, batch), ours, atol=1e-4, rtol=0)
   untrained = transformers.AutoModelForSequenceClassification.from_pretrained(adapter["base_model_name_or_path"])
   assert np.max(np.abs(_torch(untrained.eval(), batch) - ours)) > 1e-3  # the adapter and trained score changed it
+  # predict reads the workdir, its PEFT folder alone (the base it names) and the merged folder to the same logits
+  # (the two folders pad to another length and batch size: the last-token head does not see the padding).
+  for source, batch_size in ((tmp_path, 2), (tmp_path / "adapter", 3), (tmp_path / "merged", 1)):
+    np.testing.assert_allclose(_predicted(source, batch_size), ours, atol=1e-5, rtol=0, err_msg=str(source))
 
 
 @pytest.mark.slow
@@ -79,7 +89,10 @@ def test_prompt_tuning_on_the_decoder_classifier_matches_peft(tmp_path):
   base = transformers.AutoModelForSequenceClassification.from_pretrained(adapter["base_model_name_or_path"])
   peft_model = peft.PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()
   batch = _batch(result)
-  np.testing.assert_allclose(_torch(peft_model, batch), _ours(result, batch), atol=1e-4, rtol=0)
+  ours = _ours(result, batch)
+  np.testing.assert_allclose(_torch(peft_model, batch), ours, atol=1e-4, rtol=0)
+  # predict through the prompt: the workdir pads to the run's max_length, so the last position is the same one.
+  np.testing.assert_allclose(_predicted(tmp_path), ours, atol=1e-5, rtol=0)
 
 
 def test_bad_task_type_gives_one_clear_sentence(tmp_path):

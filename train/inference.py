@@ -66,10 +66,10 @@ class Loaded:
 
 
 def _family_of(model) -> tasks.Family:
-  for family in tasks.FAMILIES.values():
+  for _, _, family in tasks.variants():
     if type(model) is family.model_cls:
       return family
-  valid = sorted({f.model_cls.__name__ for f in tasks.FAMILIES.values()})
+  valid = sorted({f.model_cls.__name__ for _, _, f in tasks.variants()})
   raise ValueError(f"the model is a {type(model).__name__}, which predict cannot run; valid: {valid}.")
 
 
@@ -115,9 +115,11 @@ def from_workdir(workdir: str) -> Loaded:
 
 
 def _num_labels(folder: str) -> int | None:
-  """The rows of a saved classification head (classifier.weight / classifier.out_proj.weight) in a PEFT folder."""
+  """The rows of a saved classification head (classifier.weight, classifier.out_proj.weight, or a decoder's
+  score.weight) in a PEFT folder."""
   with safe_open(os.path.join(folder, "adapter_model.safetensors"), framework="numpy") as f:
-    heads = sorted((k for k in f.keys() if ".classifier." in f".{k}" and k.endswith(".weight")),
+    heads = sorted((k for k in f.keys() if k.endswith(".weight") and (".classifier." in f".{k}" or
+                                                                      k.endswith("score.weight"))),
                    key=lambda k: "out_proj" not in k)
     return int(f.get_slice(heads[0]).get_shape()[0]) if heads else None
 
@@ -132,16 +134,18 @@ def from_adapter_folder(folder: str) -> Loaded:
   base_path = loop.resolve(base)
   model_type = "llama" if base_path.endswith(".gguf") else hf_io.read_config(base_path).get("model_type")
   module = pj_models.FAMILIES.get(model_type, "")
-  names = [n for n, f in tasks.FAMILIES.items() if f.module.__name__ == module and f.task.peft_task_type == task_type]
-  if not names:
-    valid = sorted({(f.module.__name__.rsplit(".", 1)[1], f.task.peft_task_type) for f in tasks.FAMILIES.values()})
+  found = [(name, kind, family) for name, kind, family in tasks.variants()
+           if family.module.__name__ == module and family.task.peft_task_type == task_type]
+  if not found:
+    valid = sorted({(f.module.__name__.rsplit(".", 1)[1], f.task.peft_task_type) for _, _, f in tasks.variants()})
     raise ValueError(f"{folder!r}: a {task_type} adapter for a model_type={model_type!r} base, which predict cannot "
                      f"run; valid (family, task_type): {valid}.")
-  config = ml_collections.ConfigDict(dict(family=names[0], model=base, model_shape={}, tokenizer="",
+  name, kind, family = found[0]
+  config = ml_collections.ConfigDict(dict(family=name, task_type=kind, model=base, model_shape={}, tokenizer="",
                                           compute_dtype="float32", seed=0))
   model, params, tokenizer = loop.load_model(config, _num_labels(folder) or 2)
   method_cfg, adapters = interop.load_adapter(folder, params)
-  return Loaded(tasks.FAMILIES[names[0]], model, params, adapters, method_cfg, tokenizer, _label_names(model),
+  return Loaded(family, model, params, adapters, method_cfg, tokenizer, _label_names(model),
                 data_files.data_config(), {})
 
 

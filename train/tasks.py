@@ -188,5 +188,16 @@ def family(config) -> Family:
     able = sorted(name for name, f in FAMILIES.items() if f.classifier_cls or f.task is SequenceClassification)
     raise ValueError(f"config.task_type={task_type!r} is not available for config.family={config.family!r}; "
                      f"families with a sequence classifier: {able}.")
+  return _as_classifier(chosen)
+
+
+def _as_classifier(chosen: Family) -> Family:
   return dataclasses.replace(chosen, model_cls=chosen.classifier_cls, task=SequenceClassification)
+
+
+def variants() -> list[tuple[str, str, Family]]:
+  """(config.family, config.task_type, Family) for every task each family trains."""
+  out = [(name, "", chosen) for name, chosen in FAMILIES.items()]
+  return out + [(name, "sequence_classification", _as_classifier(chosen)) for name, chosen in FAMILIES.items()
+                if chosen.classifier_cls is not None]
 
