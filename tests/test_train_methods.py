@@ -22,7 +22,7 @@ from peftjax.methods import adalora
 from peftjax.models import gpt2
 
 import train
-from train import data, loop, methods, steps, tasks
+from train import data, inference, loop, methods, predict, steps, tasks
 
 import test_train  # tests/ is on sys.path under pytest
 import test_train_scale
@@ -41,6 +41,8 @@ SECTIONS = {"adalora": dict(init_r=4, target_r=2, alpha=8.0, targets="c_attn,c_f
 LEARNING_RATES = {"adalora": 3e-2, "houlsby": 3e-2, "pfeiffer": 3e-2, "parallel": 3e-2, "prompt_tuning": 0.1,
                   "p_tuning": 1e-2, "prefix_tuning": 1e-2, "p_tuning_v2": 0.1, "mam": 1e-2, "unipelt": 1e-2}
 MERGEABLE = ("adalora",)
+# Methods whose workdir `train.predict` also generates from (the prompt methods and the prefix + adapter combination).
+GENERATED = ("prompt_tuning", "p_tuning", "prefix_tuning", "p_tuning_v2", "mam")
 # Methods Hugging Face PEFT has: exported as a PEFT folder of this peft_type (the others as an Orbax tree).
 PEFT_TYPES = {"adalora": "ADALORA", "prompt_tuning": "PROMPT_TUNING", "p_tuning": "P_TUNING",
               "prefix_tuning": "PREFIX_TUNING", "p_tuning_v2": "PREFIX_TUNING"}
@@ -97,6 +99,27 @@ def test_every_new_method_trains_and_exports(runs, method):
     model, params = gpt2.from_pretrained(os.path.join(workdir, "merged"))
     np.testing.assert_allclose(model.apply({"params": params}, ids, batch["attention_mask"]),
                                test_train_zoo.adapted_logits(result, batch), atol=1e-4, rtol=0)
+
+
+  if method in GENERATED:
+    loaded = inference.load(workdir)
+    text = "a quiet film about"
+    generated = predict.predict(loaded, [text], batch_size=2, max_new_tokens=4)[0]["generated"]
+    expected = greedy_without_cache(result, predict.prompt_ids(loaded, text), 4)
+    assert generated == loaded.tokenizer.decode(expected, skip_special_tokens=True), (generated, expected)
+
+
+def greedy_without_cache(result: dict, prompt: list[int], new_tokens: int) -> list[int]:
+  """Greedy continuation of one unpadded prompt by the trained model's whole forward pass, token by token."""
+  forward = jax.jit(steps.make_forward(result["model"], tasks.CausalLM, result["method"]))
+  length, ids = len(prompt) + new_tokens, list(prompt)
+  for _ in range(new_tokens):
+    row = np.zeros((1, length), np.int32)
+    row[0, :len(ids)] = ids
+    batch = {"input_ids": row, "attention_mask": (np.arange(length) < len(ids)).astype(np.int32)[None]}
+    logits = np.asarray(forward(result["state"]["trainable"], result["frozen"], batch))
+    ids.append(int(np.argmax(logits[0, logits.shape[1] - length + len(ids) - 1])))  # past any virtual positions
+  return ids[len(prompt):]
 
 
 def test_adalora_prunes_to_the_budget_inside_training(runs):
