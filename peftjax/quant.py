@@ -231,21 +231,25 @@ def block_absmax(weight: QuantizedWeight) -> jax.Array:
   return table[weight.absmax.astype(jnp.int32)] * scale + weight.absmax_offset[..., None]
 
 
-def dequantize(weight: QuantizedWeight, dtype=None) -> jax.Array:
-  """The (*stack, in, out) kernel `weight` stands for, in `dtype` (default: the original kernel's)."""
-  dtype = weight.dtype if dtype is None else dtype
+def _dequantize_out_in(weight: QuantizedWeight, dtype) -> jax.Array:
+  """The kernel in PyTorch layout (*stack, out, in), where the 4-bit codes run along the input axis."""
   *stack, d_in, d_out = weight.shape
-  if weight.kind == "int8":
-    w = weight.codes.astype(jnp.float32) * (weight.absmax / 127.0)[..., None, :]
-    return w.astype(dtype)
   high, low = weight.codes >> 4, weight.codes & 15
   codes = jnp.stack([high, low], axis=-1).reshape(*weight.codes.shape[:-1], -1)
   values = _levels(weight.kind)[codes.astype(jnp.int32)]
   count = weight.absmax.shape[-1] * weight.block_size
   values = jnp.pad(values, [(0, 0)] * len(stack) + [(0, count - values.shape[-1])])
   values = values.reshape(*stack, -1, weight.block_size) * block_absmax(weight)[..., None]
-  w = values.reshape(*stack, -1)[..., : d_in * d_out].reshape(*stack, d_out, d_in)
-  return jnp.swapaxes(w, -1, -2).astype(dtype)
+  return values.reshape(*stack, -1)[..., : d_in * d_out].reshape(*stack, d_out, d_in).astype(dtype)
+
+
+def dequantize(weight: QuantizedWeight, dtype=None) -> jax.Array:
+  """The (*stack, in, out) kernel `weight` stands for, in `dtype` (default: the original kernel's)."""
+  dtype = weight.dtype if dtype is None else dtype
+  if weight.kind == "int8":
+    w = weight.codes.astype(jnp.float32) * (weight.absmax / 127.0)[..., None, :]
+    return w.astype(dtype)
+  return jnp.swapaxes(_dequantize_out_in(weight, dtype), -1, -2)
 
 
 def is_quantized(leaf: Any) -> bool:
@@ -284,8 +288,12 @@ def bits_per_parameter(weight: QuantizedWeight) -> float:
 
 @functools.partial(jax.checkpoint, static_argnums=(2, 3), policy=jax.checkpoint_policies.nothing_saveable)
 def _quantized_matmul(x: jax.Array, weight: QuantizedWeight, dtype, precision) -> jax.Array:
-  """x @ dequantize(weight), recomputing the dequantised weight in the backward pass instead of saving it."""
-  return jax.lax.dot_general(x, dequantize(weight, dtype), (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+  """x @ dequantize(weight), recomputing the dequantised weight in the backward pass instead of saving it (the
+  4-bit kinds contract with the (out, in) weight as dequantised, with no transposed copy)."""
+  if weight.kind == "int8":
+    return jax.lax.dot_general(x, dequantize(weight, dtype), (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+  return jax.lax.dot_general(x, _dequantize_out_in(weight, dtype), (((x.ndim - 1,), (1,)), ((), ())),
+                             precision=precision)
 
 
 def _quantized_layer(context) -> nn.Module | None:
