@@ -286,3 +286,29 @@ def test_qlora_training_lowers_the_loss_on_minilm():
     trainable, opt_state, loss = step(trainable, opt_state)
     losses.append(float(loss))
   assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_train_runs_qlora_and_reports_the_merge_error(tmp_path, capsys):
+  """python -m train with configs/qlora_llama.py on a tiny random Llama: NF4 base, LoRA on all linear layers, the
+  merged export in full precision with the re-quantisation error printed; config.quant mistakes are one sentence."""
+  import train
+  import test_train
+
+  shape = {"model_shape.vocab_size": 49152, "model_shape.hidden_size": 64, "model_shape.intermediate_size": 128,
+           "model_shape.num_hidden_layers": 2, "model": "random", "steps": 4, "batch_size": 4, "max_length": 16,
+           "eval_examples": 4, "train_examples": 16, "log_every": 2, "checkpoint_every": 4, "export_merged": True}
+  with pytest.raises(ValueError, match=r"^config\.quant\.kind='nf5' is not supported; valid: \['none', 'nf4'"):
+    train.main(test_train.load_config("qlora_llama", workdir=str(tmp_path / "bad"), **shape, **{"quant.kind": "nf5"}))
+  with pytest.raises(ValueError, match=r"^config\.quant\.targets='nope' match"):
+    train.main(test_train.load_config("qlora_llama", workdir=str(tmp_path / "bad"), **shape,
+                                      **{"quant.targets": "nope"}))
+  result = train.main(test_train.load_config("qlora_llama", workdir=str(tmp_path / "run"), **shape))
+  printed = capsys.readouterr().out
+  assert "quantised the base to nf4 + double quantisation" in printed
+  assert "re-quantising the merged weights changes them by at most" in printed
+  layer = result["frozen"]["model"]["layers_0"]["mlp"]["down_proj"]["kernel"]
+  assert quant.is_quantized(layer)
+  assert result["final_step"] == 4 and np.isfinite(result["after"]["loss"])
+  assert os.path.exists(tmp_path / "run" / "merged" / "config.json")
+  assert os.path.exists(tmp_path / "run" / "adapter" / "adapter_config.json")
