@@ -207,6 +207,7 @@ def test_merge_reports_the_requantisation_error_and_peft_loads_the_adapter(tmp_p
   import transformers
   from peft import PeftModel
 
+  torch.manual_seed(0)  # transformers' own init (std 0.02)
   torch_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_LLAMA.to_hf("causal_lm"))).eval()
   torch_model.save_pretrained(tmp_path / "base")
   model, params = llama.from_pretrained(str(tmp_path / "base"))
@@ -290,14 +291,16 @@ def test_qlora_training_lowers_the_loss_on_minilm():
 
 @pytest.mark.slow
 def test_train_runs_qlora_and_reports_the_merge_error(tmp_path, capsys):
-  """python -m train with configs/qlora_llama.py on a tiny random Llama: NF4 base, LoRA on all linear layers, the
-  merged export in full precision with the re-quantisation error printed; config.quant mistakes are one sentence."""
+  """python -m train with configs/qlora_llama.py on a tiny random Llama (remat, 2 micro-batches): NF4 base, LoRA on
+  all linear layers, the merged export in full precision with the re-quantisation error printed; config.quant
+  mistakes are one sentence."""
   import train
   import test_train
 
   shape = {"model_shape.vocab_size": 49152, "model_shape.hidden_size": 64, "model_shape.intermediate_size": 128,
            "model_shape.num_hidden_layers": 2, "model": "random", "steps": 4, "batch_size": 4, "max_length": 16,
-           "eval_examples": 4, "train_examples": 16, "log_every": 2, "checkpoint_every": 4, "export_merged": True}
+           "eval_examples": 4, "train_examples": 16, "log_every": 2, "checkpoint_every": 4, "export_merged": True,
+           "scale.remat": True, "scale.micro_batches": 2}
   with pytest.raises(ValueError, match=r"^config\.quant\.kind='nf5' is not supported; valid: \['none', 'nf4'"):
     train.main(test_train.load_config("qlora_llama", workdir=str(tmp_path / "bad"), **shape, **{"quant.kind": "nf5"}))
   with pytest.raises(ValueError, match=r"^config\.quant\.targets='nope' match"):
