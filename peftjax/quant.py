@@ -138,8 +138,7 @@ class QuantizedWeight(flax.struct.PyTreeNode, meta.AxisMetadata):
   def add_axis(self, index: int, params: dict[Any, Any]) -> "QuantizedWeight":
     if index != 0:
       raise ValueError(f"a quantised kernel can only be stacked along axis 0, not {index}.")
-    size = self.codes.shape[0] if hasattr(self.codes, "shape") else None
-    return self.replace(shape=(size, *self.shape))
+    return self.replace(shape=(self.codes.shape[0], *self.shape))
 
   def remove_axis(self, index: int, params: dict[Any, Any]) -> "QuantizedWeight":
     if index != 0:
@@ -340,8 +339,8 @@ def apply(method_cfg: Any, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def requantization_error(cfg: QuantConfig, kernel: jax.Array) -> tuple[QuantizedWeight, dict]:
-  """(quantised `kernel`, {'max_abs', 'relative', 'max_abs_weight'}): what re-quantising `kernel` changes;
-  relative is ||dequantize(quantize(W)) - W|| / ||W|| (Frobenius)."""
+  """(quantised `kernel`, {'max_abs', 'sq_err', 'sq_weight'}): what re-quantising `kernel` changes, as
+  max |Q(W) - W|, sum (Q(W) - W)^2 and sum W^2 (Q(W) = dequantize(quantize(W)))."""
   weight = quantize_kernel(kernel, cfg)
   w = jnp.asarray(kernel, jnp.float32)
   err = dequantize(weight, jnp.float32) - w
