@@ -38,10 +38,10 @@ import transformers
 from etils import epath
 
 import peftjax as pj
-from peftjax import assets, checkpoint, distributed, interop, sharding
+from peftjax import assets, checkpoint, distributed, interop, quant, sharding
 from peftjax.models import gguf, hf_io
 
-from train import buckets, data_files, divergence, methods, preemption, run_record, steps, tasks, validate
+from train import buckets, data_files, divergence, methods, preemption, quantize, run_record, steps, tasks, validate
 
 RANDOM_MODELS = ("", "random")
 ASSET = "asset:"
@@ -232,7 +232,7 @@ def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config
       base_name = f"{workdir}/base"
       written.append("base")
       with output_folder(workdir, "base") as folder:
-        distributed.export_merged(family.module.save_pretrained, model, frozen, folder)
+        distributed.export_merged(family.module.save_pretrained, model, quant.dequantize_tree(frozen), folder)
         if writer:
           tokenizer.save_pretrained(folder)
     try:  # every process gathers the trees and decides alike
@@ -256,7 +256,10 @@ def export(workdir: str, model, frozen, trainable, method_cfg, tokenizer, config
       print(f"config.method={config.method!r} cannot be folded into the weights, so there is no {workdir}/merged; "
             f"run {base_name} with {workdir}/adapter.")
     return written
-  merged = trainable if method_cfg is None else sharding.merge(method_cfg, frozen, trainable, frozen_shardings)
+  if quantize.quant_config(config) is not None:
+    merged = quantize.merged_for_export(config, method_cfg, frozen, trainable)
+  else:
+    merged = trainable if method_cfg is None else sharding.merge(method_cfg, frozen, trainable, frozen_shardings)
   with output_folder(workdir, "merged") as folder:
     distributed.export_merged(family.module.save_pretrained, model, merged, folder)
     if writer:
@@ -301,9 +304,11 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   hooks = methods.training_hooks(method_cfg, trainable)
   frozen, state, shardings = shard(config, model, params, trainable, frozen, tx, mesh, hooks.get("method_state"))
   del params, trainable  # the placed copies are used from here on
+  frozen, shardings["frozen"] = quantize.quantize_frozen(config, frozen, shardings["frozen"])
   print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices in {jax.process_count()} process(es); "
         f"{scale.micro_batches} micro-batch(es) per step")
-  forward = steps.make_forward(model, task, method_cfg)
+  forward = steps.make_forward(model, task, method_cfg,
+                               quant.wrap(model.apply) if quantize.quant_config(config) is not None else None)
   train_step = steps.make_train_step(forward, task, tx, shardings, micro_batches=scale.micro_batches,
                                      seed=config.seed, extra_loss=hooks.get("extra_loss"),
                                      post_update=hooks.get("post_update"))

@@ -26,19 +26,20 @@ from train import data, methods
 DECAYS = ("cosine", "linear")
 
 
-def make_forward(model, task, method_cfg) -> Callable[..., jax.Array]:
+def make_forward(model, task, method_cfg, apply_fn=None) -> Callable[..., jax.Array]:
   """forward(trainable, frozen, batch, rng) -> logits; rng None means deterministic (no dropout).
 
   `task` is the task adapter (it names the model inputs); `method_cfg` the peftjax method config(s),
   or None for full fine-tuning (then `trainable` is the whole parameter tree and `frozen` is empty).
   A prompt method on a task whose logits keep the virtual positions (`task.virtual_positions_in_logits`: a causal
   LM) gets its virtual tokens as placeholder ids in front of each row, with attention-mask ones, so the logits are
-  that much longer; otherwise the method strips them from per-token outputs itself.
+  that much longer; otherwise the method strips them from per-token outputs itself.  `apply_fn` replaces
+  model.apply under the method (e.g. `peftjax.quant.wrap(model.apply)` over a quantised base).
   """
   virtual = methods.virtual_tokens(method_cfg) if task.virtual_positions_in_logits else 0
   if virtual:
     method_cfg = methods.at_placeholders(method_cfg)
-  adapted = pj.apply(method_cfg, model.apply) if method_cfg is not None else None
+  adapted = pj.apply(method_cfg, apply_fn or model.apply) if method_cfg is not None else None
 
   def forward(trainable, frozen, batch, rng=None):
     if virtual:

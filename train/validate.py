@@ -22,7 +22,7 @@ import peftjax as pj
 from peftjax import sharding
 from peftjax.models import gguf, hf_io
 
-from train import buckets, data_files, divergence, loop, methods, steps, tasks
+from train import buckets, data_files, divergence, loop, methods, quantize, steps, tasks
 
 MODEL_HELP = ('a checkpoint folder (config.json + safetensors), a .gguf file, "asset:<package>/<path>", a hub id, '
               'or "random"')
@@ -73,6 +73,7 @@ def check_sections(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.optimizer.learning_rate={config.optimizer.learning_rate} and grad_clip_norm="
                      f"{config.optimizer.grad_clip_norm} must both be positive.")
   _check_scale(config)
+  quantize.quant_config(config)
   divergence.check_config(config)
   buckets.lengths_of(config, task)
 
@@ -196,6 +197,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   path = None if config.model in loop.RANDOM_MODELS else location("model", config.model)
   tokenizer = location("tokenizer", config.tokenizer) if config.tokenizer else ""
   model, params = abstract_model(config, path)
+  quantize.check_targets(config, params)
   default = tasks.FAMILIES[config.family].default_tokenizer
   check_method(config, model, params, tokenizer or own_tokenizer(path) or (loop.resolve(default) if default else ""))
 

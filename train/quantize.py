@@ -1,0 +1,94 @@
+"""config.quant: a quantised frozen base (QLoRA) for `python -m train`, e.g. `--config.quant.kind=nf4`.
+
+Keys (QUANT_DEFAULTS): kind ("none", "nf4", "int4", "int8"), block_size, double_quant, targets ("all-linear"
+or comma-separated module names / a regex), exclude (comma-separated).  The base is quantised once after it is
+placed on the mesh, and again identically on resume (quantisation is deterministic; checkpoints hold only the
+trained leaves).  The quantised kernels are replicated over the mesh.  A merged export folds the adapters into
+the dequantised weights, writes them in full precision and prints the error re-quantising them would add.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_collections
+from jax.sharding import NamedSharding, PartitionSpec
+
+from peftjax import quant, tree as ptree
+
+from train import methods
+
+QUANT_DEFAULTS = dict(kind="none", block_size=64, double_quant=True, targets="all-linear", exclude="")
+
+
+def settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config.quant with QUANT_DEFAULTS for the keys it leaves out."""
+  return ml_collections.ConfigDict({**QUANT_DEFAULTS, **config.get("quant", ml_collections.ConfigDict()).to_dict()})
+
+
+def quant_config(config: ml_collections.ConfigDict) -> quant.QuantConfig | None:
+  """The QuantConfig config.quant asks for, None for kind "none"; ValueError naming config.quant.<key>."""
+  unknown = sorted(set(config.get("quant", ml_collections.ConfigDict()).keys()) - set(QUANT_DEFAULTS))
+  if unknown:
+    raise ValueError(f"config.quant.{unknown[0]} is not a quantisation setting; valid: {sorted(QUANT_DEFAULTS)}.")
+  q = settings(config)
+  if q.kind == "none":
+    return None
+  if q.kind not in quant.KINDS:
+    raise ValueError(f"config.quant.kind={q.kind!r} is not supported; valid: {['none', *quant.KINDS]}.")
+  if not isinstance(q.block_size, int) or q.block_size < 2 or q.block_size % 2:
+    raise ValueError(f"config.quant.block_size={q.block_size!r} must be an even integer >= 2 (QLoRA: 64).")
+  if config.method == "full":
+    raise ValueError("config.quant.kind quantises the frozen base, but config.method='full' trains every weight; "
+                     "choose a parameter-efficient method (e.g. lora) or config.quant.kind='none'.")
+  exclude = tuple(n for n in str(q.exclude).split(",") if n)
+  return quant.QuantConfig(kind=q.kind, block_size=q.block_size, double_quant=bool(q.double_quant),
+                           targets=methods.names_or_regex(q.targets), exclude=exclude)
+
+
+def check_targets(config: ml_collections.ConfigDict, params) -> None:
+  """ValueError naming config.quant.targets when it selects no linear layer of `params` (shapes suffice)."""
+  cfg = quant_config(config)
+  if cfg is None:
+    return
+  try:
+    ptree.match_targets(params, cfg.targets, cfg.exclude)
+  except ValueError as e:
+    raise ValueError(str(e).replace(f"targets={cfg.targets!r}", f"config.quant.targets={settings(config).targets!r}",
+                                    1)) from None
+
+
+def quantize_frozen(config: ml_collections.ConfigDict, frozen: dict, frozen_shardings: dict) -> tuple[dict, dict]:
+  """(frozen, frozen_shardings) with config.quant's kernels quantised (replicated over the mesh); unchanged when
+  quantisation is off.  Prints the stored size."""
+  cfg = quant_config(config)
+  if cfg is None:
+    return frozen, frozen_shardings
+  before = quant.stored_bytes(frozen)
+  frozen = quant.quantize(cfg, frozen)
+  flat = ptree.flatten(frozen_shardings)
+  for path, leaf in ptree.flatten(frozen).items():
+    if quant.is_quantized(leaf):
+      flat[path] = NamedSharding(flat[path].mesh, PartitionSpec())
+  frozen_shardings = ptree.unflatten(flat)
+  frozen = jax.device_put(frozen, frozen_shardings)
+  print(f"quantised the base to {cfg.kind}{' + double quantisation' if cfg.double_quant else ''}: "
+        f"{quant.stored_bytes(frozen) / 2**20:.1f} MiB instead of {before / 2**20:.1f} MiB "
+        f"({quant.stored_bytes(frozen, quantized_only=True) * 8 / max(_quantized_count(frozen), 1):.3f} bits per "
+        "quantised weight)")
+  return frozen, frozen_shardings
+
+
+def _quantized_count(frozen: dict) -> int:
+  leaves = jax.tree.leaves(frozen, is_leaf=quant.is_quantized)
+  return sum(math.prod(x.shape) for x in leaves if quant.is_quantized(x))
+
+
+def merged_for_export(config: ml_collections.ConfigDict, method_cfg, frozen: dict, trainable) -> dict:
+  """The adapters folded into the dequantised base (full precision, for a Hugging Face folder); prints the error
+  re-quantising the merged weights adds."""
+  merged, report = quant.merge(method_cfg, quant_config(config), frozen, trainable)
+  if jax.process_index() == 0:
+    print(quant.report_line(report))
+  return merged
