@@ -13,7 +13,7 @@ import peftjax as pj
 from peftjax import stacked_lora
 from peftjax.models import llama, t5
 from test_prompts import _batch, checkpoints  # noqa: F401 (a fixture)
-from tiny_models import perturbed
+from tiny_models import ScannedModel, perturbed
 
 TARGETS = {"bert_seq": ("query", "value", "dense"), "t5": ("q", "v", "wo"), "gpt2": ("c_attn", "c_fc"),
            "llama": ("q_proj", "v_proj", "down_proj")}
@@ -100,3 +100,21 @@ def test_hotswap_reuses_the_compiled_forward(checkpoints):
     stacked_lora.put(slot, 0, other, pj.init(other, jax.random.key(0), params))
   with pytest.raises(ValueError, match="adapter_ids has 2 entries but the layer input has 3 rows"):
     stacked_lora.apply(model.apply)(params, slot, np.zeros(2, np.int32), **batch)
+
+
+def test_scanned_layers_stack_along_the_layer_axis():
+  """A layer-scanned model's stacked leaves are (layers, K, ...) and each row still equals its own adapter's run."""
+  model = ScannedModel(collection=stacked_lora.COLLECTION)
+  x = np.random.default_rng(0).normal(size=(3, 4, 16)).astype(np.float32)
+  params = model.init(jax.random.key(0), x)["params"]
+  cfgs = [pj.LoraConfig(rank=2, targets=("q", "v")), pj.LoraConfig(rank=3, alpha=5, targets=("wi",))]
+  trees = [perturbed(pj.init(c, jax.random.key(i), params), seed=i) for i, c in enumerate(cfgs)]
+  stacked = stacked_lora.stack(cfgs, trees)
+  assert stacked["layers"]["wi"]["lora_A"].shape == (3, 2, 16, 3) and stacked["layers"]["q"]["scaling"].shape == (3, 2)
+  ids = np.asarray([1, stacked_lora.BASE, 0])
+  got = np.asarray(stacked_lora.apply(model.apply)(params, stacked, ids, x))
+  plain = ScannedModel(collection="lora")
+  for row, i in enumerate(ids):
+    expected = plain.apply({"params": params}, x) if i == stacked_lora.BASE else pj.apply(cfgs[i], plain.apply)(
+        params, trees[i], x)
+    np.testing.assert_allclose(got[row], np.asarray(expected)[row], atol=1e-5)
