@@ -1,7 +1,8 @@
 """Mixed-adapter batches and hotswap (`peftjax.stacked_lora`) on BERT, T5, GPT-2 and Llama (random tiny models):
 each row of a mixed batch equals the same row run with its own adapter through `pj.apply` within 1e-5 (or the
 base model for id -1), in forward and in greedy generation; any mix, and any adapter put into a slot, reuses the
-one compilation (counted as traces of the jitted function and as jax's compilation cache entries)."""
+one compilation (counted as traces of the jitted function and as jax's compilation cache entries).  (IA)³
+adapters mix the same way (`peftjax.stacked_ia3`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import peftjax as pj
-from peftjax import stacked_lora
+from peftjax import stacked_ia3, stacked_lora
 from peftjax.models import llama, t5
 from test_prompts import _batch, checkpoints  # noqa: F401 (a fixture)
 from tiny_models import ScannedModel, perturbed
@@ -118,3 +119,18 @@ def test_scanned_layers_stack_along_the_layer_axis():
     expected = plain.apply({"params": params}, x) if i == stacked_lora.BASE else pj.apply(cfgs[i], plain.apply)(
         params, trees[i], x)
     np.testing.assert_allclose(got[row], np.asarray(expected)[row], atol=1e-5)
+
+
+def test_mixed_batch_of_ia3_adapters(checkpoints):
+  """(IA)³ in a mixed batch (`peftjax.stacked_ia3`): output and feed-forward input scaling, row by row."""
+  model, params = pj.models.from_pretrained(checkpoints("bert_seq"))
+  cfgs = [pj.IA3Config.for_model("bert"), pj.IA3Config(targets=("key",), feedforward=())]
+  trees = [perturbed(pj.init(c, jax.random.key(i), params), seed=i, scale=0.4) for i, c in enumerate(cfgs)]
+  batch = _batch("bert_seq")
+  ids = np.asarray([1, -1, 0])
+  got = np.asarray(jax.jit(stacked_ia3.apply(model.apply))(params, stacked_ia3.stack(trees), ids, **batch))
+  for row, i in enumerate(ids):
+    expected = (model.apply({"params": params}, **batch) if i < 0 else
+                jax.jit(pj.apply(cfgs[i], model.apply))(params, trees[i], **batch))
+    np.testing.assert_allclose(got[row], np.asarray(expected)[row], atol=1e-5)
+  assert np.max(np.abs(got[0] - np.asarray(model.apply({"params": params}, **batch))[0])) > 1e-2
