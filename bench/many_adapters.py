@@ -165,25 +165,22 @@ def main():
         f"frozen base {pj.tree.nbytes(params) / 2**20:.0f} MiB (one copy for the sweep, one per process for "
         f"{K} separate runs)")
   mixed = mixed_batch(torch_model, model, params, args.rows, args.seq, args.repeats)
-  sweeps = {b: sweep_vs_sequential(model, params, b, args.seq, args.repeats)
-            for b in map(int, args.batches.split(","))}
-  swap = hotswap(model, params, args.seq)
-
   print(f"\nmixed batch, {args.rows} rows x {args.seq} tokens, forward tokens/s (median of interleaved runs):")
   print("| | tokens/s | vs one adapter |\n|---|---|---|")
   for name, tps in mixed.items():
     one = mixed["peftjax one adapter" if name.startswith("peftjax") else "PEFT one adapter"]
-    print(f"| {name} | {tps:,.0f} | {tps / one:.2f}x |")
+    print(f"| {name} | {tps:,.0f} | {tps / one:.2f}x |", flush=True)
   print(f"\nK={K} sweep in one step vs {K} single steps one after another, training tokens/s (all members):")
   print("| per-member batch | sweep tokens/s | sequential tokens/s | speed-up | sweep temp MiB | one step's temp MiB |")
-  print("|---|---|---|---|---|---|")
-  for b, r in sweeps.items():
+  print("|---|---|---|---|---|---|", flush=True)
+  for b in map(int, args.batches.split(",")):
+    r = sweep_vs_sequential(model, params, b, args.seq, args.repeats)
     print(f"| {b} | {r['sweep'][0]:,.0f} | {r['sequential'][0]:,.0f} | {r['sweep'][0] / r['sequential'][0]:.2f}x | "
-          f"{r['sweep'][1]:.0f} | {r['sequential'][1]:.0f} |")
+          f"{r['sweep'][1]:.0f} | {r['sequential'][1]:.0f} |", flush=True)
+  swap = hotswap(model, params, args.seq)
   print("\nhotswap, batch 4:\n| | seconds |\n|---|---|")
   for name, s in swap.items():
     print(f"| {name} | {s:.3f} |")
-
 
 if __name__ == "__main__":
   main()
