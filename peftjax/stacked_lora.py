@@ -124,7 +124,16 @@ def rows_low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scaling: jax.Array, 
   return y.reshape(*x.shape[:-1], b.shape[-1])
 
 
-def _interceptor(adapter_ids: jax.Array):
+def groups_low_rank(x: jax.Array, a: jax.Array, b: jax.Array, scaling: jax.Array) -> jax.Array:
+  """`x` (batch, ..., in) whose rows are K equal contiguous groups, group k times scaling[k] A[k] B[k]: one
+  (group tokens, in) x (in, R) matmul per adapter, with no gather (and no scatter in the backward pass)."""
+  k = a.shape[0]
+  groups = x.reshape(k, -1, x.shape[-1])
+  u = jnp.einsum("kti,kir->ktr", groups, a.astype(x.dtype)) * scaling.astype(x.dtype)[:, None, None]
+  return jnp.einsum("ktr,kro->kto", u, b.astype(x.dtype)).reshape(*x.shape[:-1], b.shape[-1])
+
+
+def _interceptor(adapter_ids: jax.Array | None):
   def intercept(next_fun, args, kwargs, context):
     module = lora.adapted_layer(context, COLLECTION)
     if module is None:
@@ -132,6 +141,8 @@ def _interceptor(adapter_ids: jax.Array):
     y = next_fun(*args, **kwargs)
     x = args[0] if args else kwargs["inputs"]
     a, b, scaling = (module.get_variable(COLLECTION, k) for k in ("lora_A", "lora_B", "scaling"))
+    if adapter_ids is None:
+      return y + groups_low_rank(x, a, b, scaling).astype(y.dtype)
     return y + rows_low_rank(x, a, b, scaling, adapter_ids).astype(y.dtype)
   return intercept
 
@@ -142,6 +153,16 @@ def apply(model_apply: Callable[..., Any]) -> Callable[..., Any]:
   def adapted(params, stacked, adapter_ids, *args, **kwargs):
     ids = jnp.asarray(adapter_ids, jnp.int32)
     with nn.intercept_methods(_interceptor(ids)):
+      return model_apply({"params": params, COLLECTION: stacked}, *args, **kwargs)
+  return adapted
+
+
+def apply_grouped(model_apply: Callable[..., Any]) -> Callable[..., Any]:
+  """fn(params, stacked, *args, **kwargs) for a batch of K equal contiguous row groups, group k adapted by
+  adapter k (a sweep's tiled batch): the same result as `apply` with ids repeat(arange(K), rows / K), computed
+  as one batched matmul per layer."""
+  def adapted(params, stacked, *args, **kwargs):
+    with nn.intercept_methods(_interceptor(None)):
       return model_apply({"params": params, COLLECTION: stacked}, *args, **kwargs)
   return adapted
 

@@ -104,7 +104,8 @@ def test_hotswap_reuses_the_compiled_forward(checkpoints):
 
 
 def test_scanned_layers_stack_along_the_layer_axis():
-  """A layer-scanned model's stacked leaves are (layers, K, ...) and each row still equals its own adapter's run."""
+  """A layer-scanned model's stacked leaves are (layers, K, ...) and each row still equals its own adapter's run;
+  `apply_grouped` equals `apply` on K contiguous row groups."""
   model = ScannedModel(collection=stacked_lora.COLLECTION)
   x = np.random.default_rng(0).normal(size=(3, 4, 16)).astype(np.float32)
   params = model.init(jax.random.key(0), x)["params"]
@@ -119,6 +120,10 @@ def test_scanned_layers_stack_along_the_layer_axis():
     expected = plain.apply({"params": params}, x) if i == stacked_lora.BASE else pj.apply(cfgs[i], plain.apply)(
         params, trees[i], x)
     np.testing.assert_allclose(got[row], np.asarray(expected)[row], atol=1e-5)
+  # apply_grouped (a sweep's K contiguous row groups) equals apply with the grouped ids
+  grouped = np.asarray(stacked_lora.apply_grouped(model.apply)(params, stacked, np.concatenate([x, x])))
+  np.testing.assert_allclose(grouped, np.asarray(stacked_lora.apply(model.apply)(
+      params, stacked, np.asarray([0, 0, 0, 1, 1, 1]), np.concatenate([x, x]))), atol=1e-6)
 
 
 def test_mixed_batch_of_ia3_adapters(checkpoints):

@@ -2,8 +2,9 @@
 
 The members are stacked as `peftjax.stacked_lora` stacks adapters (ranks zero-padded to the largest; each
 member's scaling alpha / rank is data, not a constant), every batch is repeated once per member with the rows
-of copy k tagged with member k, and one forward / backward pass over the frozen base computes every member's
-loss: member k's gradient lands only in its own slot.  The optimizer runs `jax.vmap`ped over the members'
+of copy k adapted by member k (`stacked_lora.apply_grouped`: one batched matmul per layer over the members), and one
+forward / backward pass over the frozen base computes every member's loss: member k's gradient lands only in its
+own slot.  The optimizer runs `jax.vmap`ped over the members'
 slots and optimizer states, with each member's learning rate injected (`optax.inject_hyperparams`); the padded
 rank columns are masked out of every update, so a member of rank r trains exactly its r columns.
 
@@ -80,14 +81,13 @@ def make_step(model_apply: Callable[..., Any], row_losses: Callable[[Any, dict],
   `inputs(batch)` gives the model's keyword inputs and `row_losses(outputs, batch)` the loss of every row
   (batch,); a member's loss is the mean over the batch's rows, as a single run's loss.
   """
-  mixed = stacked_lora.apply(model_apply)
+  grouped = stacked_lora.apply_grouped(model_apply)
 
   def losses(trainable, scaling, params, batch, k):
     rows = jax.tree.leaves(batch)[0].shape[0]
     tiled = jax.tree.map(lambda x: jnp.concatenate([x] * k, axis=0), batch)
-    ids = jnp.repeat(jnp.arange(k, dtype=jnp.int32), rows)
     stacked = ptree.combine(trainable, scaling)
-    per_row = row_losses(mixed(params, stacked, ids, **inputs(tiled)), tiled)
+    per_row = row_losses(grouped(params, stacked, **inputs(tiled)), tiled)
     member = per_row.reshape(k, rows).mean(axis=1)
     return member.sum(), member
 
