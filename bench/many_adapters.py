@@ -1,0 +1,186 @@
+"""Many adapters on one base, all-MiniLM-L6-v2 shapes (BERT, 6 layers, hidden 384; random weights), LoRA r=8 on
+query and value, fp32:
+
+1. mixed batch: forward tokens/s of a batch whose rows use 8 different adapters (`peftjax.stacked_lora`) vs the
+   same batch with one adapter (`pj.apply`), beside Hugging Face PEFT's `adapter_names=` forward on PyTorch with
+   the same mix vs its single-adapter forward;
+2. sweep: K=8 members (other seeds and learning rates) trained in one compiled step (`train.sweep`) vs the same 8
+   single-adapter steps one after another, per-member batch 1 / 4 / 16: aggregate training tokens/s and the
+   compiled step's temporary memory (XLA's memory analysis);
+3. hotswap: putting another adapter into a compiled forward's slot and running it vs a fresh compilation.
+
+`python bench/many_adapters.py` (`--seq 128 --repeats 5 --batches 1,4,16`; needs the `[test]` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import peftjax as pj  # noqa: E402
+from peftjax import stacked_lora  # noqa: E402
+from peftjax.models import bert  # noqa: E402
+from train import sweep  # noqa: E402
+
+from common import interleaved_medians  # noqa: E402
+
+K = 8
+SHAPE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+             max_position_embeddings=512, num_labels=2)
+TARGETS = ("query", "value")
+
+
+def _models(folder: str):
+  import transformers
+  torch_model = transformers.BertForSequenceClassification(transformers.BertConfig(**SHAPE)).eval()
+  torch_model.save_pretrained(folder)
+  model, params = bert.from_pretrained(folder)
+  return torch_model, model, params
+
+
+def _adapters(params):
+  cfg = pj.LoraConfig(rank=8, alpha=16, targets=TARGETS)
+  trees = [jax.tree.map(lambda x, k=k: x + 0.01 * (k + 1), pj.init(cfg, jax.random.key(k), params)) for k in range(K)]
+  return cfg, trees
+
+
+def mixed_batch(torch_model, model, params, rows: int, seq: int, repeats: int) -> dict[str, float]:
+  import peft
+  import torch
+  cfg, trees = _adapters(params)
+  ids = np.arange(rows) % K
+  inputs = dict(input_ids=np.random.default_rng(0).integers(1000, 2000, (rows, seq)),
+                attention_mask=np.ones((rows, seq), np.int64))
+  single = jax.jit(pj.apply(cfg, model.apply))
+  mixed = jax.jit(stacked_lora.apply(model.apply))
+  stacked = stacked_lora.stack([cfg] * K, trees)
+  peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS)),
+                                   adapter_name="a0")
+  for k in range(1, K):
+    peft_model.add_adapter(f"a{k}", peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(TARGETS)))
+  peft_model.eval()
+  torch_inputs = {k: torch.tensor(v) for k, v in inputs.items()}
+  names = [f"a{i}" for i in ids]
+
+  def torch_single():
+    with torch.no_grad():
+      peft_model(**torch_inputs)
+
+  def torch_mixed():
+    with torch.no_grad():
+      peft_model(**torch_inputs, adapter_names=names)
+  steps = {
+      "peftjax one adapter": lambda: jax.block_until_ready(single(params, trees[0], **inputs)),
+      "peftjax 8-adapter mix": lambda: jax.block_until_ready(mixed(params, stacked, ids, **inputs)),
+      "PEFT one adapter": torch_single,
+      "PEFT 8-adapter mix (adapter_names=)": torch_mixed,
+  }
+  return {name: rows * seq / s for name, s in interleaved_medians(steps, repeats).items()}
+
+
+def sweep_vs_sequential(model, params, per_member: int, seq: int, repeats: int) -> dict[str, tuple[float, float]]:
+  """{name: (aggregate training tokens/s, compiled temporary MiB)} of the K-member step vs K single steps."""
+  cfg = pj.LoraConfig(rank=8, alpha=16, targets=TARGETS)
+  members = [sweep.Member(seed=k, learning_rate=1e-4 * (k + 1)) for k in range(K)]
+  rng = np.random.default_rng(0)
+  batch = dict(input_ids=rng.integers(1000, 2000, (per_member, seq)), attention_mask=np.ones((per_member, seq)),
+               labels=rng.integers(0, 2, per_member))
+  row_losses = lambda logits, b: optax.softmax_cross_entropy_with_integer_labels(logits, b["labels"])
+  inputs = lambda b: {k: v for k, v in b.items() if k != "labels"}
+
+  state = sweep.init(cfg, members, params)
+  tx, opt_state = sweep.init_optimizer(optax.adamw, state, members)
+  step = sweep.make_step(model.apply, row_losses, tx, inputs)
+  together = [state, opt_state]
+
+  def run_sweep():
+    together[0], together[1], losses = step(together[0], together[1], params, batch)
+    jax.block_until_ready(losses)
+
+  adapted = pj.apply(cfg, model.apply)
+  single_tx = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-4)
+  single_states = []
+  for m in members:
+    adapters = pj.init(cfg, jax.random.key(m.seed), params)
+    opt = single_tx.init(adapters)
+    opt.hyperparams["learning_rate"] = np.float32(m.learning_rate)
+    single_states.append([adapters, opt])
+
+  @jax.jit
+  def one(adapters, opt, b):
+    loss, grads = jax.value_and_grad(lambda a: row_losses(adapted(params, a, **inputs(b)), b).mean())(adapters)
+    updates, opt = single_tx.update(grads, opt, adapters)
+    return optax.apply_updates(adapters, updates), opt, loss
+
+  def run_sequential():
+    for s in single_states:
+      s[0], s[1], loss = one(s[0], s[1], batch)
+    jax.block_until_ready(loss)
+  times = interleaved_medians({"sweep": run_sweep, "sequential": run_sequential}, repeats)
+  memory = {
+      "sweep": step.lower(state, opt_state, params, batch).compile().memory_analysis().temp_size_in_bytes,
+      "sequential": one.lower(*single_states[0][:2], batch).compile().memory_analysis().temp_size_in_bytes,
+  }
+  return {name: (K * per_member * seq / times[name], memory[name] / 2**20) for name in times}
+
+
+def hotswap(model, params, seq: int) -> dict[str, float]:
+  cfg, trees = _adapters(params)
+  inputs = dict(input_ids=np.ones((4, seq), np.int64), attention_mask=np.ones((4, seq), np.int64))
+  ids = np.zeros(4, np.int32)
+  forward = jax.jit(stacked_lora.apply(model.apply))
+  slot = stacked_lora.stack([cfg], [trees[0]], max_rank=16)
+  jax.block_until_ready(forward(params, slot, ids, **inputs))
+  start = time.perf_counter()
+  for tree in trees[1:]:
+    slot = stacked_lora.put(slot, 0, cfg, tree)
+    jax.block_until_ready(forward(params, slot, ids, **inputs))
+  swap = (time.perf_counter() - start) / (K - 1)
+  other = pj.LoraConfig(rank=12, alpha=16, targets=TARGETS)
+  start = time.perf_counter()
+  jax.block_until_ready(jax.jit(pj.apply(other, model.apply))(params, pj.init(other, jax.random.key(1), params),
+                                                             **inputs))
+  return {"hotswap (put + forward)": swap, "fresh compile + forward": time.perf_counter() - start}
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--seq", type=int, default=128)
+  parser.add_argument("--rows", type=int, default=16)
+  parser.add_argument("--batches", default="1,4,16")
+  parser.add_argument("--repeats", type=int, default=5)
+  args = parser.parse_args()
+  import tempfile
+  with tempfile.TemporaryDirectory() as folder:
+    torch_model, model, params = _models(folder)
+  print(f"jax {jax.__version__} on {jax.devices()[0].platform}; PyTorch on cpu; MiniLM shapes, seq {args.seq}, fp32; "
+        f"frozen base {pj.tree.nbytes(params) / 2**20:.0f} MiB (one copy for the sweep, one per process for "
+        f"{K} separate runs)")
+  mixed = mixed_batch(torch_model, model, params, args.rows, args.seq, args.repeats)
+  print(f"\nmixed batch, {args.rows} rows x {args.seq} tokens, forward tokens/s (median of interleaved runs):")
+  print("| | tokens/s | vs one adapter |\n|---|---|---|")
+  for name, tps in mixed.items():
+    one = mixed["peftjax one adapter" if name.startswith("peftjax") else "PEFT one adapter"]
+    print(f"| {name} | {tps:,.0f} | {tps / one:.2f}x |", flush=True)
+  print(f"\nK={K} sweep in one step vs {K} single steps one after another, training tokens/s (all members):")
+  print("| per-member batch | sweep tokens/s | sequential tokens/s | speed-up | sweep temp MiB | one step's temp MiB |")
+  print("|---|---|---|---|---|---|", flush=True)
+  for b in map(int, args.batches.split(",")):
+    r = sweep_vs_sequential(model, params, b, args.seq, args.repeats)
+    print(f"| {b} | {r['sweep'][0]:,.0f} | {r['sequential'][0]:,.0f} | {r['sweep'][0] / r['sequential'][0]:.2f}x | "
+          f"{r['sweep'][1]:.0f} | {r['sequential'][1]:.0f} |", flush=True)
+  swap = hotswap(model, params, args.seq)
+  print("\nhotswap, batch 4:\n| | seconds |\n|---|---|")
+  for name, s in swap.items():
+    print(f"| {name} | {s:.3f} |")
+
+if __name__ == "__main__":
+  main()
