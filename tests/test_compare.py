@@ -120,7 +120,8 @@ def test_compare_section_errors_name_the_key(tmp_path, key, value, message):
 
 
 def test_forgetting_task_on_a_classifier_is_refused(tmp_path):
-  config = test_train.load_config("compare_bert_sentiment", workdir=str(tmp_path), **{"compare.forgetting_task": "imdb"})
+  config = test_train.load_config("compare_bert_sentiment", workdir=str(tmp_path),
+                                  **{"compare.forgetting_task": "imdb"})
   with pytest.raises(ValueError, match="config.compare.forgetting_task='imdb' is for a causal LM"):
     compare.main(config)
   assert not os.listdir(tmp_path)

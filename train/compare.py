@@ -20,6 +20,8 @@ import sys
 
 import ml_collections
 import tqdm
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from train import compare_report, compare_run, methods, run_record, tasks, validate
 
@@ -182,6 +184,8 @@ def main(config: ml_collections.ConfigDict) -> list[dict]:
 def _main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.key=value.")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   try:
     main(_CONFIG.value)
   except ValueError as e:
@@ -191,9 +195,7 @@ def _main(argv: list[str]) -> None:
              "newest checkpoint).")
 
 
-if __name__ == "__main__":
-  from absl import app
-  from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "a comparison config, e.g. configs/compare_bert_sentiment.py.",
-                                            lock_config=True)
+if __name__ == "__main__":  # the flag only for the command (train/__main__.py defines its own --config)
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "a comparison config, e.g. configs/compare_bert_sentiment.py.", lock_config=True)
   app.run(_main)
