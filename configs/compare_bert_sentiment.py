@@ -40,5 +40,6 @@ def get_config() -> ml_collections.ConfigDict:
       forgetting_task="",          # a causal LM's second held-out text; a classifier has none (see train/compare.py)
       forgetting_examples=64,
       latency_repeats=5))
+  config.eval_every = 50  # held-out curves for comparison.png
   config.workdir = "workdir/compare_bert_sentiment"
   return config

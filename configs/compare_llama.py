@@ -35,5 +35,6 @@ def get_config() -> ml_collections.ConfigDict:
       forgetting_task="bbc_news",  # held-out text the base knows and the runs do not train on
       forgetting_examples=64,
       latency_repeats=5))
+  config.eval_every = 10  # held-out curves for comparison.png
   config.workdir = "workdir/compare_llama"
   return config

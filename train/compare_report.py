@@ -147,7 +147,7 @@ def plot(outcomes: dict[str, list], rows: list[dict], metric: str, higher: bool)
   done = sorted((r for r in rows if "metric_mean" in r), key=lambda r: r["trainable_pct"])
   positions = np.arange(len(done))
   bars.bar(positions, [r["metric_mean"] for r in done], yerr=[r["metric_std"] or 0.0 for r in done], capsize=3)
-  bars.set_xticks(positions, [f"{r['method']}\n{r['trainable_pct']:.2g}%" for r in done], fontsize=7)
+  bars.set_xticks(positions, [f"{r['method']}\n{r['trainable_pct']:.3g}%" for r in done], fontsize=7)
   bars.set(title=f"held-out {metric} ({'higher' if higher else 'lower'} is better) vs trainable %", ylabel=metric)
   if done and higher:
     low = min(r["metric_mean"] for r in done)
