@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -69,6 +70,27 @@ def _error_line(log: str, returncode: int) -> str:
   return f"the run stopped with exit status {returncode} ({lines[-1] if lines else 'no output'}); see {log}."
 
 
+def _wait(process: subprocess.Popen) -> int:
+  """The run's exit status.  Ctrl-C reaches the run too (one process group) and a SIGTERM sent to this process is
+  passed on: the run saves its step and exits (`train.preemption`), then KeyboardInterrupt stops the comparison."""
+  stopped = []
+
+  def forward(signum, frame):
+    stopped.append(signum)
+    process.send_signal(signum)
+  previous = signal.signal(signal.SIGTERM, forward)
+  try:
+    returncode = process.wait()
+  except KeyboardInterrupt:
+    process.wait()
+    raise
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  if stopped:
+    raise KeyboardInterrupt
+  return returncode
+
+
 def run_one(spec: dict, progress) -> dict | str:
   """Runs `spec` (see `train.compare_run`) in a new process, its output into <workdir>/compare.log; its record, or
   its error sentence."""
@@ -79,10 +101,11 @@ def run_one(spec: dict, progress) -> dict | str:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
   with open(log, "w") as out:
-    done = subprocess.run([sys.executable, "-m", "train.compare_run", spec_path], stdout=out,
-                          stderr=subprocess.STDOUT, env=env)
-  if done.returncode:
-    error = _error_line(log, done.returncode)
+    process = subprocess.Popen([sys.executable, "-m", "train.compare_run", spec_path], stdout=out,
+                               stderr=subprocess.STDOUT, env=env)
+    returncode = _wait(process)
+  if returncode:
+    error = _error_line(log, returncode)
     progress.write(f"  failed: {error}")
     return error
   with open(os.path.join(workdir, compare_run.RESULT)) as f:
