@@ -336,7 +336,7 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
 
   indices = buckets.batches(buckets.row_lengths(train_data), buckets.lengths_of(config, task), config.batch_size,
                             config.seed, position["epoch"], position["index"])
-  pending, start_time = [], time.perf_counter()
+  pending, start_time, batch = [], time.perf_counter(), None
   last_log = start_time
   progress = tqdm.tqdm(total=config.steps, initial=min(start_step, config.steps), desc="train", unit="step")
   guard = divergence.Guard(config)
@@ -383,4 +383,4 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   return {"start_step": start_step, "final_step": final_step, "before": before, "after": after,
           "trainable_parameters": trainable_line, "train_seconds": train_seconds, "state": state,
           "frozen": frozen, "model": model, "method": method_cfg, "config": config, "workdir": workdir,
-          "mesh": mesh}
+          "mesh": mesh, "train_step": train_step, "last_batch": batch, "tokenizer": tokenizer}

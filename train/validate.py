@@ -207,3 +207,42 @@ def own_tokenizer(path: str | None) -> str:
   own = path is not None and (path.endswith(".gguf") or any(
       os.path.exists(os.path.join(path, f)) for f in ("tokenizer_config.json", "tokenizer.json")))
   return path if own else ""
+
+
+COMPARE_KEYS = ("methods", "seeds", "learning_rates", "forgetting_task", "forgetting_examples", "latency_repeats")
+
+
+def check_compare(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError (one sentence naming config.compare.<key>) for a bad comparison section (`train.compare`);
+  each method's run is checked by `check` itself."""
+  if "compare" not in config:
+    raise ValueError("the config has no config.compare section; start from configs/compare_bert_sentiment.py.")
+  compare = config.compare
+  unknown = sorted(set(compare) - set(COMPARE_KEYS))
+  if unknown:
+    raise ValueError(f"config.compare has the unknown key {unknown[0]!r}; valid: {list(COMPARE_KEYS)}.")
+  names = [n for n in compare.methods.split(",") if n]
+  for name in names + list(compare.learning_rates):
+    if name not in methods.METHODS:
+      where = "methods" if name in names else "learning_rates"
+      raise ValueError(f"config.compare.{where} names {name!r}, which is not a method; valid: {list(methods.METHODS)}.")
+  if len(set(names)) != len(names):
+    raise ValueError(f"config.compare.methods={compare.methods!r} names a method twice.")
+  seeds = tuple(compare.seeds)
+  if not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds) or len(set(seeds)) != len(seeds):
+    raise ValueError(f"config.compare.seeds={seeds} must be distinct non-negative integers (at least one).")
+  for name, rate in compare.learning_rates.items():
+    if not rate > 0:
+      raise ValueError(f"config.compare.learning_rates.{name}={rate} must be positive.")
+  kind = tasks.family(config).task.kind if config.family in tasks.FAMILIES else None
+  if compare.forgetting_task:
+    if kind != "causal_lm":
+      raise ValueError(f"config.compare.forgetting_task={compare.forgetting_task!r} is for a causal LM (its loss on "
+                       f"other text); this is a {kind} model, so leave it empty.")
+    try:
+      data_files.check_task(kind, compare.forgetting_task)
+    except ValueError as e:
+      raise ValueError(str(e).replace("config.task=", "config.compare.forgetting_task=", 1)) from None
+  for key in ("forgetting_examples", "latency_repeats"):
+    if not isinstance(compare[key], int) or compare[key] < 1:
+      raise ValueError(f"config.compare.{key}={compare[key]!r} must be a positive integer.")
