@@ -5,7 +5,8 @@ side by side in one process.  For each setting (config.packing off / on): `train
 held-out perplexity, on the same unpacked held-out reviews, is reported), then the jit-compiled train step is timed
 on the run's first batch (median of --repeats calls, the settings interleaved; every batch of a setting has that
 shape); tokens/s is the real tokens of the run's batches over steps x the median step time (compilation excluded).
-`python bench/packing.py [--steps 6 --batch 4 --max-length 256 --repeats 3]`.
+`python bench/packing.py [--steps 6 --batch 4 --max-length 256 --repeats 3]`; `--density` prints only the rows and
+padding an epoch of --train-examples reviews takes, padded vs packed, at max_length 128 ... 1024 (no model).
 """
 
 from __future__ import annotations
@@ -61,6 +62,22 @@ def step_timer(config):
   return run, used
 
 
+def density(args) -> None:
+  """Rows and padding per epoch of --train-examples reviews, padded vs packed, at several max_lengths (no model)."""
+  print("| max_length | reviews | rows padded / packed | padding % padded / packed | real tokens per row, "
+        "packed / padded |")
+  print("|---|---|---|---|---|")
+  for length in (128, 256, 512, 1024):
+    config = base_config(tempfile.mkdtemp(), argparse.Namespace(**{**vars(args), "max_length": length}), True)
+    tokenizer = loop.load_tokenizer(loop.resolve(config.model))
+    task = tasks.family(config).task
+    rows = task.tokenize(tokenizer, data_files.load(config, task.kind, config.workdir).train, config)
+    real = packing.document_lengths(rows)
+    packed = len(packing.epoch_rows(real, length, config.seed, 0))
+    print(f"| {length} | {len(real)} | {len(real)} / {packed} | {100 * (1 - real.sum() / (len(real) * length)):.1f} "
+          f"/ {100 * (1 - real.sum() / (packed * length)):.1f} | {len(real) / packed:.2f} |")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--steps", type=int, default=6)
@@ -69,7 +86,10 @@ def main() -> None:
   parser.add_argument("--train-examples", type=int, default=400)
   parser.add_argument("--eval-examples", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--density", action="store_true", help="only the rows and padding per epoch (no model)")
   args = parser.parse_args()
+  if args.density:
+    return density(args)
   results, timed = {}, {}
   with tempfile.TemporaryDirectory() as tmp:
     for name, packed in (("padded", False), ("packed", True)):
