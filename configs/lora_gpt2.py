@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_length = 64           # tokens per review (its beginning)
   config.buckets = ()              # shorter batch lengths, e.g. (16, 32): a batch runs at the shortest
   # that holds its rows (one compile each; max_length is the last); (): every batch at max_length
+  config.packing = False           # True: several documents per max_length row (`train.packing`)
 
   config.method = "lora"           # or "dora", "ia3", "bitfit", "full"
   # The random model's default also adapts lm_head: a frozen *random* head keeps every next-token distribution near

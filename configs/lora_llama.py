@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_length = 64           # tokens per review (its beginning)
   config.buckets = ()              # shorter batch lengths, e.g. (16, 32): a batch runs at the shortest
   # that holds its rows (one compile each; max_length is the last); (): every batch at max_length
+  config.packing = False           # True: several documents per max_length row (`train.packing`)
 
   config.method = "lora"           # or "dora", "ia3", "full"
   config.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets="q_proj,v_proj"))

@@ -41,7 +41,7 @@ import peftjax as pj
 from peftjax import assets, checkpoint, distributed, interop, quant, sharding
 from peftjax.models import gguf, hf_io
 
-from train import buckets, data_files, divergence, methods, preemption, quantize, run_record, steps, tasks, validate
+from train import data_files, divergence, methods, packing, preemption, quantize, run_record, steps, tasks, validate
 
 RANDOM_MODELS = ("", "random")
 ASSET = "asset:"
@@ -334,16 +334,15 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   print(_metrics_line(start_step, before))
   _log(writer, "eval", start_step, before)
 
-  indices = buckets.batches(buckets.row_lengths(train_data), buckets.lengths_of(config, task), config.batch_size,
-                            config.seed, position["epoch"], position["index"])
+  batches = packing.training_batches(config, task, train_data, position["epoch"], position["index"])
   pending, start_time, batch = [], time.perf_counter(), None
   last_log = start_time
   progress = tqdm.tqdm(total=config.steps, initial=min(start_step, config.steps), desc="train", unit="step")
   guard = divergence.Guard(config)
   with contextlib.closing(manager), preemption.Signals() as signals:
     for step in range(start_step + 1, config.steps + 1):
-      chosen, length, position = next(indices)
-      batch = distributed.load_local(buckets.cut(train_data, length, task), chosen, batch_sharding)
+      rows, chosen, position = next(batches)
+      batch = distributed.load_local(rows, chosen, batch_sharding)
       state, metrics = train_step(state, frozen, batch)
       if skipped := guard.observe(step, metrics):
         progress.write(skipped)

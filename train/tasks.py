@@ -111,7 +111,11 @@ class CausalLM:
     enc = _encode(tokenizer, texts, config.max_length)
     return {**enc, "labels": np.where(enc["attention_mask"] == 1, enc["input_ids"], IGNORE).astype(np.int32)}
 
-  inputs = staticmethod(_token_inputs)
+  @staticmethod
+  def inputs(model, batch) -> tuple:
+    """Token ids, attention mask and position ids (a packed batch's, `train.packing`; else the model's default)."""
+    del model
+    return batch["input_ids"], batch["attention_mask"], batch.get("position_ids")
 
   @staticmethod
   def aligned(logits, labels):

@@ -24,6 +24,8 @@ from peftjax.models import gguf, hf_io
 
 from train import buckets, data_files, divergence, loop, methods, quantize, steps, tasks
 
+# Methods whose virtual tokens are input positions of the row (`methods.PROMPT_CONFIGS`): no packing.
+PACKING_REFUSED = ("prompt_tuning", "p_tuning")
 MODEL_HELP = ('a checkpoint folder (config.json + safetensors), a .gguf file, "asset:<package>/<path>", a hub id, '
               'or "random"')
 
@@ -76,6 +78,28 @@ def check_sections(config: ml_collections.ConfigDict) -> None:
   quantize.quant_config(config)
   divergence.check_config(config)
   buckets.lengths_of(config, task)
+  _check_packing(config, task)
+
+
+def _check_packing(config: ml_collections.ConfigDict, task) -> None:
+  """config.packing: a bool, for causal LMs only, without buckets or virtual input positions (`train.packing`)."""
+  packing = config.get("packing", False)
+  if not isinstance(packing, bool):
+    raise ValueError(f"config.packing={packing!r} must be True or False.")
+  if not packing:
+    return
+  if task.kind != "causal_lm":
+    raise ValueError(f"config.packing=True packs documents for causal LMs only, but this run trains a {task.kind} "
+                     f"model (config.family={config.family!r}, config.task_type={config.get('task_type', '')!r}); "
+                     "set config.packing=False.")
+  if tuple(config.get("buckets", ())):
+    raise ValueError(f"config.packing=True fills every row to config.max_length, so config.buckets="
+                     f"{tuple(config.buckets)} must be () with it.")
+  if config.method in PACKING_REFUSED:
+    raise ValueError(f"config.packing=True cannot be used with config.method={config.method!r}: its virtual tokens "
+                     "are input positions in front of the row, which only the first packed document would follow; "
+                     "use prefix_tuning / p_tuning_v2 (keys and values every document attends) or "
+                     "config.packing=False.")
 
 
 def location(key: str, spec: str) -> str:

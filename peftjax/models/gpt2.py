@@ -248,10 +248,12 @@ class GPT2Model(nn.Module):
 
 
 def _attention_mask(attention_mask, query_length: int, cache_index, n_prefix: int):
-  """(batch, 1, q, n_prefix + keys): prefix always, then keys at or before each query's slot that are not padding."""
+  """(batch, 1, q, n_prefix + keys): prefix always, then keys at or before each query's slot that are not padding
+  and are in the query's segment (`layers.same_segment`: packed rows)."""
   query_slots = cache_index + jnp.arange(query_length)
   causal = jnp.arange(attention_mask.shape[1])[None, :] <= query_slots[:, None]
   allowed = causal[None, None] & attention_mask[:, None, None, :].astype(bool)
+  allowed = allowed & layers.same_segment(attention_mask, query_length, cache_index)
   if n_prefix:
     allowed = jnp.concatenate([jnp.ones((*allowed.shape[:3], n_prefix), bool), allowed], axis=-1)
   return allowed
@@ -300,7 +302,9 @@ class GPT2LMHeadModel(nn.Module):
                inputs_embeds=None, prefix_kv=None):
     """Logits for a causally masked sequence.
 
-    attention_mask (batch, length) is 1 for tokens, 0 for padding.  position_ids default to 0, 1, ...
+    attention_mask (batch, length) is 1 for tokens, 0 for padding (or the segment ids 1, 2, ... of documents
+    packed into a row: each attends only to its own; pass their position_ids, restarting at 0).
+    position_ids default to 0, 1, ...
     (Hugging Face's forward ignores padding for positions; `generate` counts only real tokens).  With
     `prefix_kv` the positions (given or default) are shifted by n_prefix, as in Hugging Face PEFT.
     """

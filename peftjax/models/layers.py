@@ -43,6 +43,17 @@ def logical_axes(model: nn.Module, *inputs: jax.Array) -> dict:
   return nn.get_partition_spec(jax.eval_shape(model.init, jax.random.key(0), *_inputs(inputs))["params"])
 
 
+def same_segment(attention_mask: jax.Array, query_length: int, cache_index) -> jax.Array:
+  """(batch, 1, q, keys): True where key and query share a segment, or the query is padding.
+
+  attention_mask may carry segment ids (1, 2, ... for the documents packed into a row, 0 for padding), so a
+  packed document attends only to its own tokens; a 0/1 mask makes this all True for its real tokens.  The queries
+  sit at slots cache_index ... cache_index + query_length - 1 of the mask.
+  """
+  query = jax.lax.dynamic_slice_in_dim(attention_mask, cache_index, query_length, axis=1)
+  return ((query[:, :, None] == attention_mask[:, None, :]) | (query[:, :, None] == 0))[:, None]
+
+
 def last_token(hidden: jax.Array, input_ids: jax.Array | None, pad_token_id: int | None, owner: str) -> jax.Array:
   """(batch, hidden) at each row's last token, as transformers' decoder classifiers find it.
 

@@ -377,13 +377,15 @@ class LlamaModel(nn.Module):
 def attention_masks(config: LlamaConfig, attention_mask, query_length: int, cache_index, n_prefix: int):
   """(full, windowed or None), each (batch, 1, q, n_prefix + keys) and True where attending is allowed.
 
-  Keys are allowed at or before each query's slot when not padding; windowed masks also drop keys
-  `sliding_window` or more slots back.  The prefix is always allowed.
+  Keys are allowed at or before each query's slot when not padding and in the query's segment
+  (`layers.same_segment`: packed rows); windowed masks also drop keys `sliding_window` or more slots back.  The
+  prefix is always allowed.
   """
   query_slots = cache_index + jnp.arange(query_length)[:, None]
   key_slots = jnp.arange(attention_mask.shape[1])[None, :]
   padding = attention_mask[:, None, None, :].astype(bool)
-  full = (key_slots <= query_slots)[None, None] & padding
+  full = (key_slots <= query_slots)[None, None] & padding & layers.same_segment(attention_mask, query_length,
+                                                                               cache_index)
   windowed = None
   if any(config.sliding_layers):
     windowed = full & (key_slots > query_slots - config.sliding_window)[None, None]
@@ -437,7 +439,9 @@ class LlamaForCausalLM(nn.Module):
                inputs_embeds=None, prefix_kv=None):
     """Logits for a causally masked sequence.
 
-    attention_mask (batch, length) is 1 for tokens, 0 for padding.  position_ids default to 0, 1, ...
+    attention_mask (batch, length) is 1 for tokens, 0 for padding (or the segment ids 1, 2, ... of documents
+    packed into a row: each attends only to its own; pass their position_ids, restarting at 0).
+    position_ids default to 0, 1, ...
     (as Hugging Face's forward; `generate` counts only real tokens).  With `prefix_kv` the positions
     (given or default) are shifted by n_prefix, as in Hugging Face PEFT.
     """
