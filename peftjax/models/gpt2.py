@@ -113,7 +113,8 @@ def _normal(std: float, axes: tuple[str, ...]):
 
 
 def _dense(features: int, axes: tuple[str, str], std: float, dtype, param_dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name, kernel_init=_normal(std, axes),
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, dot_general=layers.dot_general(dtype), name=name,
+                  kernel_init=_normal(std, axes),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
 
@@ -158,10 +159,10 @@ class GPT2Attention(nn.Module):
     scale = c.head_dim ** -0.5 if c.scale_attn_weights else 1.0
     if c.scale_attn_by_inverse_layer_idx:
       scale = scale / (layer_idx + 1.0)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * scale
+    scores = layers.einsum("bqhd,bkhd->bhqk", query, key, self.dtype) * scale
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = self.attn_dropout(jax.nn.softmax(scores, axis=-1).astype(self.dtype), deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, value.astype(self.dtype))
+    out = layers.einsum("bhqk,bkhd->bqhd", probs, value, self.dtype).astype(self.dtype)
     out = self.c_proj(out.reshape(*out.shape[:2], c.n_embd))
     return self.resid_dropout(out, deterministic=deterministic), cache
 
@@ -288,6 +289,7 @@ class GPT2LMHeadModel(nn.Module):
     self.transformer = GPT2Model(c, scan_layers=self.scan_layers, remat=self.remat, name="transformer", **kw)
     if not c.tie_word_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, name="lm_head", **kw,
+                              dot_general=layers.dot_general(self.dtype),
                               kernel_init=_normal(c.initializer_range, ("embed", "vocab")))
 
   def logits(self, hidden):
@@ -338,6 +340,7 @@ class GPT2ForSequenceClassification(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.transformer = GPT2Model(c, scan_layers=self.scan_layers, remat=self.remat, name="transformer", **kw)
     self.score = nn.Dense(self.num_labels, use_bias=False, name="score", **kw,
+                          dot_general=layers.dot_general(self.dtype),
                           kernel_init=_normal(c.initializer_range, ("embed", "classes")))
 
   def __call__(self, input_ids=None, attention_mask=None, position_ids=None, deterministic: bool = True,

@@ -238,6 +238,7 @@ def _normal(std: float, axes: tuple[str, ...]):
 def _dense(features: int, axes: tuple[str, str], config: LlamaConfig, use_bias: bool, dtype, param_dtype,
            name: str) -> nn.Dense:
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                  dot_general=layers.dot_general(dtype),
                   kernel_init=_normal(config.initializer_range, axes),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
@@ -282,10 +283,10 @@ class LlamaAttention(nn.Module):
       value = jnp.concatenate([prefix_kv[1].astype(value.dtype), value], axis=1)
     group = c.num_attention_heads // c.num_key_value_heads
     query = query.reshape(batch, length, c.num_key_value_heads, group, c.head_dim)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", query, key.astype(self.dtype)).astype(jnp.float32)
+    scores = layers.einsum("bqkgd,bskd->bkgqs", query, key, self.dtype)
     scores = jnp.where(mask[:, :, None], scores * c.head_dim ** -0.5, jnp.finfo(jnp.float32).min)
     probs = self.dropout(jax.nn.softmax(scores, axis=-1).astype(self.dtype), deterministic=deterministic)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, value.astype(self.dtype))
+    out = layers.einsum("bkgqs,bskd->bqkgd", probs, value, self.dtype).astype(self.dtype)
     return self.o_proj(out.reshape(batch, length, -1)), cache
 
 
@@ -425,6 +426,7 @@ class LlamaForCausalLM(nn.Module):
     self.model = LlamaModel(c, scan_layers=self.scan_layers, remat=self.remat, name="model", **kw)
     if not c.tie_word_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, name="lm_head", **kw,
+                              dot_general=layers.dot_general(self.dtype),
                               kernel_init=_normal(c.initializer_range, ("embed", "vocab")))
 
   def logits(self, hidden):
@@ -475,6 +477,7 @@ class LlamaForSequenceClassification(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.model = LlamaModel(c, scan_layers=self.scan_layers, remat=self.remat, name="model", **kw)
     self.score = nn.Dense(self.num_labels, use_bias=False, name="score", **kw,
+                          dot_general=layers.dot_general(self.dtype),
                           kernel_init=_normal(c.initializer_range, ("embed", "classes")))
 
   def __call__(self, input_ids=None, attention_mask=None, position_ids=None, deterministic: bool = True,
