@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from peftjax import tree as ptree
 from peftjax.dropout import Dropout
-from peftjax.models import hf_io
+from peftjax.models import hf_io, layers
 from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
 _ACTIVATIONS = {
@@ -128,7 +128,7 @@ class EncoderOutput(NamedTuple):
 
 def dense_layer(features: int, axes: tuple[str, str], config: BertConfig, dtype, param_dtype, name: str) -> nn.Dense:
   """nn.Dense with transformers' init (normal(initializer_range) kernel, zero bias) and logical axes (in, out)."""
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name, dot_general=layers.dot_general(dtype),
                   kernel_init=nn.with_logical_partitioning(nn.initializers.normal(config.initializer_range), axes),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
@@ -188,11 +188,11 @@ class BertSelfAttention(nn.Module):
     if prefix_kv is not None:
       key = jnp.concatenate([prefix_kv[0].astype(key.dtype), key], axis=1)
       value = jnp.concatenate([prefix_kv[1].astype(value.dtype), value], axis=1)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * c.head_dim ** -0.5
+    scores = layers.einsum("bqhd,bkhd->bhqk", query, key, self.dtype) * c.head_dim ** -0.5
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     probs = Dropout(c.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, value.astype(self.dtype))
+    out = layers.einsum("bhqk,bkhd->bqhd", probs, value, self.dtype).astype(self.dtype)
     return out.reshape(*out.shape[:2], c.hidden_size)
 
 

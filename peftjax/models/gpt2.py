@@ -33,7 +33,7 @@ import numpy as np
 
 from peftjax import tree as ptree
 from peftjax.dropout import Dropout
-from peftjax.models import hf_io, layers, sampling
+from peftjax.models import decoding, hf_io, layers
 from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
 _ACTIVATIONS = {
@@ -113,7 +113,8 @@ def _normal(std: float, axes: tuple[str, ...]):
 
 
 def _dense(features: int, axes: tuple[str, str], std: float, dtype, param_dtype, name: str) -> nn.Dense:
-  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name, kernel_init=_normal(std, axes),
+  return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, dot_general=layers.dot_general(dtype), name=name,
+                  kernel_init=_normal(std, axes),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
 
@@ -158,10 +159,10 @@ class GPT2Attention(nn.Module):
     scale = c.head_dim ** -0.5 if c.scale_attn_weights else 1.0
     if c.scale_attn_by_inverse_layer_idx:
       scale = scale / (layer_idx + 1.0)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * scale
+    scores = layers.einsum("bqhd,bkhd->bhqk", query, key, self.dtype) * scale
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = self.attn_dropout(jax.nn.softmax(scores, axis=-1).astype(self.dtype), deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, value.astype(self.dtype))
+    out = layers.einsum("bhqk,bkhd->bqhd", probs, value, self.dtype).astype(self.dtype)
     out = self.c_proj(out.reshape(*out.shape[:2], c.n_embd))
     return self.resid_dropout(out, deterministic=deterministic), cache
 
@@ -290,6 +291,7 @@ class GPT2LMHeadModel(nn.Module):
     self.transformer = GPT2Model(c, scan_layers=self.scan_layers, remat=self.remat, name="transformer", **kw)
     if not c.tie_word_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, name="lm_head", **kw,
+                              dot_general=layers.dot_general(self.dtype),
                               kernel_init=_normal(c.initializer_range, ("embed", "vocab")))
 
   def logits(self, hidden):
@@ -342,6 +344,7 @@ class GPT2ForSequenceClassification(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.transformer = GPT2Model(c, scan_layers=self.scan_layers, remat=self.remat, name="transformer", **kw)
     self.score = nn.Dense(self.num_labels, use_bias=False, name="score", **kw,
+                          dot_general=layers.dot_general(self.dtype),
                           kernel_init=_normal(c.initializer_range, ("embed", "classes")))
 
   def __call__(self, input_ids=None, attention_mask=None, position_ids=None, deterministic: bool = True,
@@ -418,40 +421,6 @@ def save_pretrained(model: nn.Module, params: dict, folder: str) -> None:
   hf_io.write_folder(folder, layers.hf_config(model, model.config.to_hf(type(model).__name__)), state)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "eos",
-                                             "pad", "apply_fn"))
-def _generate(model, params, input_ids, attention_mask, prefix_kv, rng, max_new_tokens, temperature, top_k, top_p,
-              eos, pad, apply_fn):
-  call = apply_fn or (lambda p, *args, **kwargs: model.apply({"params": p}, *args, **kwargs))
-  batch, prompt_length = input_ids.shape
-  # Hugging Face generate: prompt positions count real tokens (padding gets 0); new tokens continue from the last.
-  positions = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-  slots_mask = jnp.concatenate([attention_mask, jnp.ones((batch, max_new_tokens), attention_mask.dtype)], axis=1)
-  cache = init_cache(model.config, batch, prompt_length + max_new_tokens, model.dtype)
-  logits, cache = call(params, input_ids, slots_mask, positions, cache, 0, prefix_kv, method="decode")
-  eos = jnp.asarray(eos, jnp.int32)
-
-  def choose(logits, finished, rng):
-    key = None
-    if rng is not None:
-      rng, key = jax.random.split(rng)
-    token = sampling.next_token(logits, key, temperature, top_k, top_p).astype(input_ids.dtype)
-    token = jnp.where(finished, pad, token)
-    return token, finished | jnp.isin(token, eos), rng
-
-  def step(carry, t):
-    token, cache, finished, rng = carry
-    position = positions[:, -1:] + 1 + t
-    logits, cache = call(params, token[:, None], slots_mask, position, cache, prompt_length + t, prefix_kv,
-                         method="decode")
-    token, finished, rng = choose(logits, finished, rng)
-    return (token, cache, finished, rng), token
-
-  first, finished, rng = choose(logits, jnp.zeros((batch,), bool), rng)
-  _, rest = jax.lax.scan(step, (first, cache, finished, rng), jnp.arange(max_new_tokens - 1))
-  return jnp.concatenate([first[:, None], rest.T], axis=1)
-
-
 def generate(model: GPT2LMHeadModel, params: Any, input_ids: jax.Array, attention_mask: jax.Array | None = None,
              max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              rng: jax.Array | None = None, eos_token_id: int | Sequence[int] | None = None,
@@ -459,12 +428,13 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids: jax.Array, attentio
              apply_fn: Callable[..., Any] | None = None) -> jax.Array:
   """New tokens (batch, max_new_tokens) after the (left-padded) prompts; after EOS a sequence emits pad.
 
-  A jit-compiled loop over a key/value cache, with Hugging Face generate's positions and EOS handling.
-  Temperature 0 is greedy; sampling needs `rng`.  eos_token_id / pad_token_id default to the config's
-  (pad falls back to EOS, then 0).  `apply_fn(params, *args, method=..., **kwargs)` replaces
-  `model.apply({"params": params}, ...)`, e.g. for LoRA: params=(base, adapters) and
-  apply_fn=lambda p, *a, **kw: pj.apply(cfg, model.apply)(p[0], p[1], *a, **kw) (pass the same function
-  object each call to reuse the compilation).
+  One jit-compiled loop over a key/value cache (`peftjax.models.decoding`: prompts padded to a power-of-two
+  bucket, stops inside the loop once every row has emitted EOS), with Hugging Face generate's positions and EOS
+  handling.  Temperature 0 is greedy; sampling needs `rng`.  eos_token_id / pad_token_id default to the config's
+  (pad falls back to EOS, then 0); they are traced, so other ids reuse the compilation.
+  `apply_fn(params, *args, method=..., **kwargs)` replaces `model.apply({"params": params}, ...)`, e.g. for LoRA:
+  params=(base, adapters) and apply_fn=lambda p, *a, **kw: pj.apply(cfg, model.apply)(p[0], p[1], *a, **kw)
+  (pass the same function object each call to reuse the compilation).
   """
   if temperature > 0.0 and rng is None:
     raise ValueError(f"generate: temperature={temperature} samples and needs rng=jax.random.key(...); "
@@ -480,7 +450,5 @@ def generate(model: GPT2LMHeadModel, params: Any, input_ids: jax.Array, attentio
   eos = () if eos is None else tuple(np.atleast_1d(eos).tolist())
   pad = pad_token_id if pad_token_id is not None else c.pad_token_id
   pad = pad if pad is not None else (eos[0] if eos else 0)
-  input_ids = jnp.asarray(input_ids)
-  attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
-  return _generate(model, params, input_ids, attention_mask, prefix_kv, rng, max_new_tokens, float(temperature),
-                   int(top_k), float(top_p), eos, int(pad), apply_fn)
+  return decoding.generate(model, init_cache, params, input_ids, attention_mask, prefix_kv, rng, eos, int(pad),
+                           max_new_tokens, temperature, top_k, top_p, apply_fn)

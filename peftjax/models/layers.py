@@ -1,16 +1,39 @@
-"""Pieces the model files share: the RMS norm of T5 and Llama, random initialisation and logical axes, and the
-decoder families' task classes (causal LM, sequence classifier)."""
+"""Pieces the model files share: the RMS norm of T5 and Llama, float32-accumulating matmuls for low-precision
+compute, random initialisation and logical axes, and the decoder families' task classes (causal LM, sequence
+classifier)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from peftjax.models import hf_io
+
+
+def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
+  """`jax.lax.dot_general` that accumulates in float32 and returns lhs's dtype: bf16 operands use the hardware's
+  bf16 x bf16 -> fp32 matmul units (AMX, avx512_bf16, GPU tensor cores, TPU MXU) without losing precision in the
+  sums."""
+  del preferred_element_type
+  out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32,
+                            **kwargs)
+  return out.astype(lhs.dtype)
+
+
+def dot_general(dtype) -> Callable[..., jax.Array]:
+  """The `dot_general` of an nn.Dense computing in `dtype`: `accumulating_dot_general` below float32, else the
+  plain one."""
+  return jax.lax.dot_general if jnp.dtype(dtype).itemsize >= 4 else accumulating_dot_general
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
+  """jnp.einsum of `a` and `b` cast to `dtype`, accumulated and returned in float32 (cast it back where the model
+  continues in `dtype`)."""
+  return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nn.Module):

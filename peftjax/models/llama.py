@@ -42,7 +42,7 @@ import numpy as np
 
 from peftjax import tree as ptree
 from peftjax.dropout import Dropout
-from peftjax.models import gguf, hf_io, layers, sampling
+from peftjax.models import decoding, gguf, hf_io, layers
 from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
@@ -238,6 +238,7 @@ def _normal(std: float, axes: tuple[str, ...]):
 def _dense(features: int, axes: tuple[str, str], config: LlamaConfig, use_bias: bool, dtype, param_dtype,
            name: str) -> nn.Dense:
   return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                  dot_general=layers.dot_general(dtype),
                   kernel_init=_normal(config.initializer_range, axes),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
@@ -282,10 +283,10 @@ class LlamaAttention(nn.Module):
       value = jnp.concatenate([prefix_kv[1].astype(value.dtype), value], axis=1)
     group = c.num_attention_heads // c.num_key_value_heads
     query = query.reshape(batch, length, c.num_key_value_heads, group, c.head_dim)
-    scores = jnp.einsum("bqkgd,bskd->bkgqs", query, key.astype(self.dtype)).astype(jnp.float32)
+    scores = layers.einsum("bqkgd,bskd->bkgqs", query, key, self.dtype)
     scores = jnp.where(mask[:, :, None], scores * c.head_dim ** -0.5, jnp.finfo(jnp.float32).min)
     probs = self.dropout(jax.nn.softmax(scores, axis=-1).astype(self.dtype), deterministic=deterministic)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, value.astype(self.dtype))
+    out = layers.einsum("bkgqs,bskd->bqkgd", probs, value, self.dtype).astype(self.dtype)
     return self.o_proj(out.reshape(batch, length, -1)), cache
 
 
@@ -427,6 +428,7 @@ class LlamaForCausalLM(nn.Module):
     self.model = LlamaModel(c, scan_layers=self.scan_layers, remat=self.remat, name="model", **kw)
     if not c.tie_word_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, name="lm_head", **kw,
+                              dot_general=layers.dot_general(self.dtype),
                               kernel_init=_normal(c.initializer_range, ("embed", "vocab")))
 
   def logits(self, hidden):
@@ -479,6 +481,7 @@ class LlamaForSequenceClassification(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     self.model = LlamaModel(c, scan_layers=self.scan_layers, remat=self.remat, name="model", **kw)
     self.score = nn.Dense(self.num_labels, use_bias=False, name="score", **kw,
+                          dot_general=layers.dot_general(self.dtype),
                           kernel_init=_normal(c.initializer_range, ("embed", "classes")))
 
   def __call__(self, input_ids=None, attention_mask=None, position_ids=None, deterministic: bool = True,
@@ -551,38 +554,6 @@ def save_pretrained(model: nn.Module, params: dict, folder: str) -> None:
   hf_io.write_folder(folder, layers.hf_config(model, model.config.to_hf(task)), hf_io.state_dict_from_params(params))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "temperature", "top_k", "top_p", "apply_fn"))
-def _generate(model, params, input_ids, attention_mask, prefix_kv, rng, eos, pad, max_new_tokens, temperature, top_k,
-              top_p, apply_fn):
-  call = apply_fn or (lambda p, *args, **kwargs: model.apply({"params": p}, *args, **kwargs))
-  batch, prompt_length = input_ids.shape
-  # Hugging Face generate: prompt positions count real tokens (padding gets 0); new tokens continue from the last.
-  positions = jnp.where(attention_mask == 1, jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-  slots_mask = jnp.concatenate([attention_mask, jnp.ones((batch, max_new_tokens), attention_mask.dtype)], axis=1)
-  cache = init_cache(model.config, batch, prompt_length + max_new_tokens, model.dtype)
-  logits, cache = call(params, input_ids, slots_mask, positions, cache, 0, prefix_kv, method="decode")
-
-  def choose(logits, finished, rng):
-    key = None
-    if rng is not None:
-      rng, key = jax.random.split(rng)
-    token = sampling.next_token(logits, key, temperature, top_k, top_p).astype(input_ids.dtype)
-    token = jnp.where(finished, pad, token)
-    return token, finished | jnp.isin(token, eos), rng
-
-  def step(carry, t):
-    token, cache, finished, rng = carry
-    position = positions[:, -1:] + 1 + t
-    logits, cache = call(params, token[:, None], slots_mask, position, cache, prompt_length + t, prefix_kv,
-                         method="decode")
-    token, finished, rng = choose(logits, finished, rng)
-    return (token, cache, finished, rng), token
-
-  first, finished, rng = choose(logits, jnp.zeros((batch,), bool), rng)
-  _, rest = jax.lax.scan(step, (first, cache, finished, rng), jnp.arange(max_new_tokens - 1))
-  return jnp.concatenate([first[:, None], rest.T], axis=1)
-
-
 def generate(model: LlamaForCausalLM, params: Any, input_ids: jax.Array, attention_mask: jax.Array | None = None,
              max_new_tokens: int = 16, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
              rng: jax.Array | None = None, eos_token_id: int | Sequence[int] | None = None,
@@ -590,8 +561,9 @@ def generate(model: LlamaForCausalLM, params: Any, input_ids: jax.Array, attenti
              apply_fn: Callable[..., Any] | None = None) -> jax.Array:
   """New tokens (batch, max_new_tokens) after the (left-padded) prompts; after EOS a sequence emits pad.
 
-  A jit-compiled loop over a key/value cache, with Hugging Face generate's positions and EOS handling.
-  Temperature 0 is greedy; sampling needs `rng`.  eos_token_id / pad_token_id default to the config's
+  One jit-compiled loop over a key/value cache (`peftjax.models.decoding`: prompts padded to a power-of-two
+  bucket, stops inside the loop once every row has emitted EOS), with Hugging Face generate's positions and EOS
+  handling.  Temperature 0 is greedy; sampling needs `rng`.  eos_token_id / pad_token_id default to the config's
   (pad falls back to EOS, then 0); they are traced, so other ids reuse the compilation.
   `apply_fn(params, *args, method=..., **kwargs)` replaces `model.apply({"params": params}, ...)`, e.g.
   for LoRA: params=(base, adapters) and apply_fn=lambda p, *a, **kw: pj.apply(cfg, model.apply)(p[0], p[1],
@@ -607,8 +579,5 @@ def generate(model: LlamaForCausalLM, params: Any, input_ids: jax.Array, attenti
   eos = [] if eos is None else np.atleast_1d(eos).tolist()
   pad = pad_token_id if pad_token_id is not None else c.pad_token_id
   pad = pad if pad is not None else (eos[0] if eos else 0)
-  input_ids = jnp.asarray(input_ids)
-  attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
-  eos = jnp.asarray(eos or [-1], input_ids.dtype)  # traced: another EOS id reuses the compilation
-  return _generate(model, params, input_ids, attention_mask, prefix_kv, rng, eos, jnp.asarray(pad, input_ids.dtype),
-                   max_new_tokens, float(temperature), int(top_k), float(top_p), apply_fn)
+  return decoding.generate(model, init_cache, params, input_ids, attention_mask, prefix_kv, rng, tuple(eos), int(pad),
+                           max_new_tokens, temperature, top_k, top_p, apply_fn)

@@ -115,6 +115,7 @@ class T5Config:
 
 def _dense(features: int, axes: tuple[str, str], std: float, dtype, param_dtype, name: str) -> nn.Dense:
   return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=param_dtype, name=name,
+                  dot_general=layers.dot_general(dtype),
                   kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std), axes))
 
 
@@ -176,12 +177,12 @@ class T5Attention(nn.Module):
   def __call__(self, x, key_value, mask, position_bias, deterministic: bool):
     """Attends from x (batch, q, d_model) to (keys, values); mask (batch|1, 1, q|1, k) is True where allowed."""
     keys, values = key_value
-    scores = jnp.einsum("bqhd,bkhd->bhqk", self._heads(self.q(x)), keys).astype(jnp.float32)
+    scores = layers.einsum("bqhd,bkhd->bhqk", self._heads(self.q(x)), keys, self.dtype)
     if position_bias is not None:
       scores = scores + position_bias.astype(jnp.float32)
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = self.dropout(jax.nn.softmax(scores, axis=-1).astype(self.dtype), deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, values)
+    out = layers.einsum("bhqk,bkhd->bqhd", probs, values, self.dtype).astype(self.dtype)
     return self.o(out.reshape(*out.shape[:2], -1))
 
 
