@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from typing import Any, Callable, Iterator
 
 from peftjax import adapter_schema, api, interop
+from peftjax.models import hf_io
 
 DEFAULT = "default"  # PEFT's name of the adapter saved at a folder's root
 
@@ -56,10 +55,7 @@ def write_layout(folder: str, adapters: dict[str, tuple[Any, Any]], base_model_n
   folder; every adapter is converted (and checked) before anything is written."""
   files = {check_name(name): interop.adapter_files(cfg, tree, base_model_name_or_path, task_type)
            for name, (cfg, tree) in adapters.items()}
-  parent = os.path.dirname(os.path.abspath(folder))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-  try:
+  with hf_io.replacing_folder(folder) as tmp:
     for name, (config, tensors) in files.items():
       if name == DEFAULT:
         interop.write_folder(os.path.join(tmp, ".root"), config, tensors)
@@ -68,12 +64,6 @@ def write_layout(folder: str, adapters: dict[str, tuple[Any, Any]], base_model_n
         os.rmdir(os.path.join(tmp, ".root"))
       else:
         interop.write_folder(os.path.join(tmp, name), config, tensors)
-    if os.path.isdir(folder):
-      shutil.rmtree(folder)
-    os.rename(tmp, folder)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 class AdapterRegistry:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -114,19 +112,10 @@ def write_folder(folder: str, config: dict, tensors: dict[str, np.ndarray]) -> N
   """Writes adapter_config.json and adapter_model.safetensors into `folder` (replaced whole, via a temporary folder);
   a tensor holding NaN or inf is refused (`peftjax.finite`) before anything is written."""
   finite.check(tensors, f"the adapter {os.path.join(folder, ADAPTER_WEIGHTS)!r}")
-  parent = os.path.dirname(os.path.abspath(folder))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-  try:
+  with hf_io.replacing_folder(folder) as tmp:
     with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
       json.dump(dict(sorted(config.items())), f, indent=2)  # keys sorted as PEFT does; pattern order kept
     save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    if os.path.isdir(folder):
-      shutil.rmtree(folder)
-    os.rename(tmp, folder)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 @contextlib.contextmanager

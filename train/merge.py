@@ -9,12 +9,10 @@ method folded into the weights (`pj.merge`), plus the tokenizer (and a classifie
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 
 import peftjax as pj
+from peftjax.models import hf_io
 
 from train import inference, methods
 
@@ -29,17 +27,9 @@ def merge(source: str, output: str) -> None:
     raise ValueError(f"{source!r}: the adapter's method does not fold into the weights (bottleneck adapters and "
                      "prompt methods); run it with python -m train.predict instead.")
   merged = pj.merge(loaded.method_cfg, loaded.params, loaded.adapters)
-  parent = os.path.dirname(os.path.abspath(output))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".merge-", dir=parent)
-  try:
-    loaded.family.module.save_pretrained(loaded.model, merged, os.path.join(tmp, "model"))
-    loaded.tokenizer.save_pretrained(os.path.join(tmp, "model"))
-    if os.path.isdir(output):
-      shutil.rmtree(output)
-    os.rename(os.path.join(tmp, "model"), output)
-  finally:
-    shutil.rmtree(tmp, ignore_errors=True)
+  with hf_io.replacing_folder(output) as tmp:
+    loaded.family.module.save_pretrained(loaded.model, merged, tmp)
+    loaded.tokenizer.save_pretrained(tmp)
 
 
 def main(argv: list[str] | None = None) -> None:

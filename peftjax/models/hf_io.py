@@ -8,6 +8,7 @@ bias -> bias.  Model files pass `rename` for keys that differ and `transpose` fo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -149,24 +150,32 @@ def state_dict_from_params(params: Any, rename: Callable[[str], str] = hf_key,
   return state
 
 
-def write_folder(folder: str, config: dict, state: Mapping[str, np.ndarray], extra_files: Mapping[str, str] = ()) -> None:
-  """Writes config.json + model.safetensors (+ extra text files) atomically: temp folder, then rename.
-
-  A tensor holding NaN or inf is refused (`peftjax.finite`) before anything is written."""
-  finite.check(dict(state), f"the model {os.path.join(folder, SAFE_WEIGHTS)!r}")
+@contextlib.contextmanager
+def replacing_folder(folder: str):
+  """Yields a new temporary folder beside `folder`; on success it replaces `folder` whole (rename), on any error
+  it is removed and `folder` is left as it was."""
   parent = os.path.dirname(os.path.abspath(folder))
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
   try:
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(config, f, indent=2, sort_keys=True)
-    save_file(dict(state), os.path.join(tmp, SAFE_WEIGHTS), metadata={"format": "pt"})
-    for name, text in dict(extra_files).items():
-      with open(os.path.join(tmp, name), "w") as f:
-        f.write(text)
+    yield tmp
     if os.path.isdir(folder):
       shutil.rmtree(folder)
     os.rename(tmp, folder)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def write_folder(folder: str, config: dict, state: Mapping[str, np.ndarray], extra_files: Mapping[str, str] = ()) -> None:
+  """Writes config.json + model.safetensors (+ extra text files) atomically: temp folder, then rename.
+
+  A tensor holding NaN or inf is refused (`peftjax.finite`) before anything is written."""
+  finite.check(dict(state), f"the model {os.path.join(folder, SAFE_WEIGHTS)!r}")
+  with replacing_folder(folder) as tmp:
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+    save_file(dict(state), os.path.join(tmp, SAFE_WEIGHTS), metadata={"format": "pt"})
+    for name, text in dict(extra_files).items():
+      with open(os.path.join(tmp, name), "w") as f:
+        f.write(text)
