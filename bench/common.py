@@ -69,9 +69,10 @@ def jax_adamw_step(loss: Callable[..., Any], trainable: Any, *frozen: Any):
   return run, step.lower(*state, *frozen)
 
 
-def torch_adamw_step(model, inputs: dict):
+def torch_adamw_step(model, inputs: dict, autocast: bool = False):
   """(run, device): `run()` takes one AdamW step of model(**inputs).loss over the parameters that require
-  gradients, in training mode with dropout off (as the JAX steps, deterministic=True), on cuda when available."""
+  gradients, in training mode with dropout off (as the JAX steps, deterministic=True), on cuda when available;
+  `autocast` runs the forward under torch.autocast(bfloat16), as a PyTorch user turns on bf16."""
   import torch
 
   model.train()
@@ -85,7 +86,9 @@ def torch_adamw_step(model, inputs: dict):
 
   def run():
     opt.zero_grad(set_to_none=True)
-    model(**inputs).loss.backward()
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+      loss = model(**inputs).loss
+    loss.backward()
     opt.step()
     if device == "cuda":
       torch.cuda.synchronize()

@@ -4,7 +4,9 @@ Measures, in one run and on the same machine: (a) peftjax LoRA r=8 on q,v; (b) p
 fine-tuning; (c) HF peft LoRA r=8 on q,v on transformers' PyTorch T5 with the same shapes.  Each
 is one optimizer step (forward, backward, AdamW update) on batch 8, source 128, target 32, fp32.
 Also reports (a)'s achieved GFLOP/s (XLA's FLOP count of the compiled step) against a large
-plain matmul's GFLOP/s measured in the same run.  Usage: python bench/lora_t5.py [--repeats 7]
+plain matmul's GFLOP/s measured in the same run.  With --bf16 also (d) peftjax LoRA with bf16 compute (bf16 base
+and operands, float32 accumulation, adapters and AdamW state float32) and (e) (c) under torch.autocast(bfloat16).
+Usage: python bench/lora_t5.py [--repeats 7] [--bf16]
 """
 
 from __future__ import annotations
@@ -30,10 +32,14 @@ def make_batch(vocab: int):
           "labels": rng.integers(2, vocab, (BATCH, TARGET))}
 
 
-def jax_steps(config: t5.T5Config, batch):
-  """Compiled (LoRA step, full fine-tuning step, LoRA step FLOPs) on the same model and batch."""
+def jax_steps(config: t5.T5Config, batch, dtype=jnp.float32):
+  """Compiled (LoRA step, full fine-tuning step, LoRA step FLOPs) on the same model and batch, computing in
+  `dtype` (the base stored in it)."""
   model = t5.T5ForConditionalGeneration(config)
   params = t5.init_params(model, jax.random.key(0))
+  if dtype != jnp.float32:
+    model = model.clone(dtype=dtype)
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
   lora_cfg = pj.LoraConfig(rank=RANK, alpha=2 * RANK, targets=("q", "v"))
   adapters = pj.init(lora_cfg, jax.random.key(1), params)
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
@@ -55,8 +61,8 @@ def jax_steps(config: t5.T5Config, batch):
   return run_lora, run_full, (cost[0] if isinstance(cost, list) else cost)["flops"]
 
 
-def torch_peft_step(config: t5.T5Config, batch):
-  """HF peft LoRA r=8 on q,v over transformers' PyTorch T5: one AdamW step."""
+def torch_peft_step(config: t5.T5Config, batch, autocast: bool = False):
+  """HF peft LoRA r=8 on q,v over transformers' PyTorch T5: one AdamW step (under bf16 autocast if asked)."""
   import peft
   import torch
   import transformers
@@ -65,7 +71,7 @@ def torch_peft_step(config: t5.T5Config, batch):
   model = transformers.T5ForConditionalGeneration(transformers.T5Config(**config.to_hf()))
   model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules=["q", "v"],
                                                      lora_dropout=0.0, task_type="SEQ_2_SEQ_LM"))
-  return torch_adamw_step(model, batch)
+  return torch_adamw_step(model, batch, autocast)
 
 
 def matmul_gflops(repeats: int, n: int = 2048) -> float:
@@ -78,12 +84,17 @@ def matmul_gflops(repeats: int, n: int = 2048) -> float:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--bf16", action="store_true", help="also (d) peftjax bf16 LoRA and (e) PEFT bf16 autocast")
   args = parser.parse_args()
   config = t5.T5Config.t5_small()
   batch = make_batch(config.vocab_size)
   run_lora, run_full, lora_flops = jax_steps(config, batch)
   run_torch, torch_device = torch_peft_step(config, batch)
-  medians = interleaved_medians({"lora": run_lora, "full": run_full, "torch": run_torch}, args.repeats)
+  steps = {"lora": run_lora, "full": run_full, "torch": run_torch}
+  if args.bf16:
+    steps["lora bf16"] = jax_steps(config, batch, jnp.bfloat16)[0]
+    steps["torch bf16"] = torch_peft_step(config, batch, autocast=True)[0]
+  medians = interleaved_medians(steps, args.repeats)
   a, b, c = (medians[k] for k in ("lora", "full", "torch"))
   peak = matmul_gflops(args.repeats)
   achieved = lora_flops / a / 1e9
@@ -93,6 +104,11 @@ def main():
   print(f"{'(a) peftjax LoRA r=8 q,v':<34}{a * 1e3:>10.1f}")
   print(f"{'(b) peftjax full fine-tuning':<34}{b * 1e3:>10.1f}")
   print(f"{'(c) HF peft LoRA r=8 q,v (torch)':<34}{c * 1e3:>10.1f}")
+  if args.bf16:
+    d, e = medians["lora bf16"], medians["torch bf16"]
+    print(f"{'(d) peftjax LoRA bf16':<34}{d * 1e3:>10.1f}")
+    print(f"{'(e) HF peft LoRA bf16 autocast':<34}{e * 1e3:>10.1f}")
+    print(f"(d)/(e) = {d / e:.3f}   (target <= 1.0)    (d)/(c) = {d / c:.3f}   (target <= 0.4)")
   print(f"(a)/(b) = {a / b:.3f}   (target <= 0.72)")
   print(f"(a)/(c) = {a / c:.3f}   (target <= 0.50)")
   print(f"(a) achieved {achieved:.1f} GFLOP/s ({lora_flops / 1e9:.1f} GFLOP/step) vs 2048^3 matmul "

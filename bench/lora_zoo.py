@@ -5,8 +5,10 @@ of the adapters only) of peftjax LoRA on our Flax model and of HF peft LoRA on t
 model, both built from the same Hugging Face config dict, on the same batch (default 8 x 128, fp32).
 LoRA r=8, alpha=16 on the family's usual targets; BERT is a sequence classifier (peft's SEQ_CLS also
 trains the classifier, so ours trains it through modules_to_save), GPT-2 and Llama are causal LMs.
+With --bf16 it also times peftjax with compute_dtype bfloat16 (bf16 operands, float32 accumulation; adapters and
+optimizer state float32) against PEFT under torch.autocast("cpu", dtype=torch.bfloat16).
 T5 has its own script, bench/lora_t5.py.  Usage: python bench/lora_zoo.py [--families bert gpt2 llama]
-[--repeats 5] [--batch 8] [--seq 128] [--layers N]
+[--repeats 5] [--batch 8] [--seq 128] [--layers N] [--bf16]
 """
 
 from __future__ import annotations
@@ -74,11 +76,15 @@ def loss_fn(family: Family, logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def jax_step(family: Family, hf_config: dict, batch: dict):
-  """(run one peftjax LoRA step, base parameter count, trainable parameter count)."""
+def jax_step(family: Family, hf_config: dict, batch: dict, dtype=jnp.float32):
+  """(run one peftjax LoRA step, base parameter count, trainable parameter count); `dtype` is the compute dtype
+  (the frozen base is stored in it, the adapters and optimizer state stay float32)."""
   module = importlib.import_module(f"peftjax.models.{family.module}")
   model = getattr(module, family.model_class)(getattr(module, family.config_class).from_hf(hf_config))
   params = module.init_params(model, jax.random.key(0))
+  if dtype != jnp.float32:
+    model = model.clone(dtype=dtype)
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
   cfg = [pj.LoraConfig(rank=RANK, alpha=2 * RANK, targets=family.targets)]
   if family.task_type == "SEQ_CLS":  # as peft's SEQ_CLS, which trains the new head in full
     cfg.append(ModulesToSaveConfig(("classifier",)))
@@ -93,8 +99,9 @@ def jax_step(family: Family, hf_config: dict, batch: dict):
   return run, pj.count(params), pj.count(adapters)
 
 
-def torch_step(family: Family, hf_config: dict, batch: dict):
-  """(run one HF peft LoRA step, device, base parameter count, trainable parameter count)."""
+def torch_step(family: Family, hf_config: dict, batch: dict, autocast: bool = False):
+  """(run one HF peft LoRA step, device, base parameter count, trainable parameter count), under bf16 autocast
+  when asked."""
   import peft
   import torch
   import transformers
@@ -106,7 +113,7 @@ def torch_step(family: Family, hf_config: dict, batch: dict):
                          task_type=family.task_type, fan_in_fan_out=family.module == "gpt2")
   model = peft.get_peft_model(model, lora)
   n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-  run, device = torch_adamw_step(model, batch)
+  run, device = torch_adamw_step(model, batch, autocast)
   return run, device, n_params, n_trainable
 
 
@@ -117,6 +124,7 @@ def main():
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=128)
   parser.add_argument("--layers", type=int, default=None, help="layer count of every family (default: its own)")
+  parser.add_argument("--bf16", action="store_true", help="also peftjax bf16 compute vs PEFT under bf16 autocast")
   args = parser.parse_args()
   rows = []
   for name in args.families:
@@ -136,15 +144,24 @@ def main():
     if (n_params, n_trainable) != (torch_params, torch_trainable):
       raise SystemExit(f"{name}: the parameter counts differ from the torch model's, so the step times are not "
                        "comparable.")
-    medians = interleaved_medians({"jax": run_jax, "torch": run_torch}, args.repeats)
-    rows.append((name, medians["jax"], medians["torch"]))
-    del run_jax, run_torch  # free this family's models before building the next
-  print(f"jax on {jax.devices()[0].device_kind}, torch on {device}; batch {args.batch}, seq {args.seq}, fp32, "
-        f"one AdamW step of the adapters, median of 3x{args.repeats} steps")
-  print(f"{'family':<8}{'peftjax ms':>12}{'torch ms':>12}{'ratio':>8}")
-  for name, jax_s, torch_s in rows:
-    print(f"{name:<8}{jax_s * 1e3:>12.1f}{torch_s * 1e3:>12.1f}{jax_s / torch_s:>8.3f}")
-  print("ratio = peftjax / torch (target <= 0.50)")
+    steps = {"jax": run_jax, "torch": run_torch}
+    if args.bf16:
+      steps["jax bf16"] = jax_step(family, hf_config, batch, jnp.bfloat16)[0]
+      steps["torch bf16"] = torch_step(family, hf_config, batch, autocast=True)[0]
+    rows.append((name, interleaved_medians(steps, args.repeats)))
+    del run_jax, run_torch, steps  # free this family's models before building the next
+  print(f"jax on {jax.devices()[0].device_kind}, torch on {device}; batch {args.batch}, seq {args.seq}, one AdamW "
+        f"step of the adapters, median of 3x{args.repeats} steps (torch bf16: autocast)")
+  columns = list(rows[0][1])
+  print(f"{'family':<8}" + "".join(f"{c + ' ms':>16}" for c in columns) + f"{'fp32 ratio':>12}"
+        + (f"{'bf16 ratio':>12}{'bf16/torch fp32':>17}" if args.bf16 else ""))
+  for name, medians in rows:
+    line = f"{name:<8}" + "".join(f"{medians[c] * 1e3:>16.1f}" for c in columns)
+    line += f"{medians['jax'] / medians['torch']:>12.3f}"
+    if args.bf16:
+      line += f"{medians['jax bf16'] / medians['torch bf16']:>12.3f}{medians['jax bf16'] / medians['torch']:>17.3f}"
+    print(line)
+  print("ratio = peftjax / torch, same precision (targets: fp32 <= 1.0; bf16 <= 1.0 and <= 0.4 of torch fp32)")
 
 
 if __name__ == "__main__":
