@@ -17,24 +17,17 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # train/ and configs/
 
-from train import data, loop, methods, steps, tasks  # noqa: E402
+from train import data, tasks  # noqa: E402
 from peftjax import sharding  # noqa: E402
 
-from lora_bert_job import job_config  # noqa: E402
+from lora_bert_job import job_config, job_step  # noqa: E402
 
 
 def losses(dtype: str, n_steps: int) -> np.ndarray:
   """Training loss of each of the first `n_steps` steps of the main job computing in `dtype`."""
   config = job_config(None, dtype)
-  mesh = loop.make_mesh(config)
   task = tasks.FAMILIES[config.family].task
-  model, params, tokenizer = loop.load_model(config, num_labels=2)
-  method_cfg, trainable, frozen = loop.trainable_and_frozen(config, model, params, tokenizer)
-  tx, _ = steps.make_optimizer(config.optimizer, config.steps)
-  hooks = methods.training_hooks(method_cfg, trainable)
-  frozen, state, shardings = loop.shard(config, model, params, trainable, frozen, tx, mesh, hooks.get("method_state"))
-  train_step = steps.make_train_step(steps.make_forward(model, task, method_cfg), task, tx, shardings,
-                                     seed=config.seed)
+  train_step, state, frozen, mesh, tokenizer = job_step(config)
   train_set, _ = data.split(data.load_task(task.kind, config.task), config.eval_examples, config.train_examples)
   out = []
   for i in range(n_steps):

@@ -43,8 +43,9 @@ def job_batch(config, tokenizer) -> dict:
   return task.tokenize(tokenizer, train_set[:config.batch_size], config)
 
 
-def jax_step(config, batch: dict):
-  """run(): one step of the job's compiled train step on `batch` (state carried from step to step)."""
+def job_step(config):
+  """(train_step, step-0 state, frozen tree, mesh, tokenizer): the job's compiled train step as python -m train
+  builds it."""
   mesh = loop.make_mesh(config)
   task = tasks.FAMILIES[config.family].task
   model, params, tokenizer = loop.load_model(config, num_labels=2)
@@ -54,6 +55,12 @@ def jax_step(config, batch: dict):
   frozen, state, shardings = loop.shard(config, model, params, trainable, frozen, tx, mesh, hooks.get("method_state"))
   train_step = steps.make_train_step(steps.make_forward(model, task, method_cfg), task, tx, shardings,
                                      seed=config.seed)
+  return train_step, state, frozen, mesh, tokenizer
+
+
+def jax_step(config, batch: dict):
+  """run(): one step of the job's compiled train step on `batch` (state carried from step to step)."""
+  train_step, state, frozen, mesh, _ = job_step(config)
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   holder = [state]
 

@@ -21,10 +21,10 @@ import sys
 
 import ml_collections
 import tqdm
-from absl import app, flags, logging
+from absl import app
 from ml_collections import config_flags
 
-from train import compare_report, compare_run, methods, run_record, tasks, validate
+from train import cli, compare_report, compare_run, methods, run_record, tasks, validate
 
 FORGETTING_NOTE = {
     "causal_lm": "forgetting: the change of the held-out LM loss on {task} (not trained on) from the base model's; "
@@ -205,10 +205,7 @@ def main(config: ml_collections.ConfigDict) -> list[dict]:
 
 
 def _main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}; pass settings as --config.key=value.")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  cli.start(argv)
   try:
     main(_CONFIG.value)
   except ValueError as e:
@@ -221,4 +218,4 @@ def _main(argv: list[str]) -> None:
 if __name__ == "__main__":  # the flag only for the command (train/__main__.py defines its own --config)
   _CONFIG = config_flags.DEFINE_config_file(
       "config", None, "a comparison config, e.g. configs/compare_bert_sentiment.py.", lock_config=True)
-  app.run(_main)
+  app.run(_main, flags_parser=cli.parse_flags)
