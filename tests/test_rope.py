@@ -42,6 +42,7 @@ CASES = {
                           original_max_position_embeddings=16)),
     "longrope_factor": (64, dict(rope_type="longrope", short_factor=_factors[0], long_factor=_factors[1],
                                  original_max_position_embeddings=16, factor=2.0)),
+    "proportional": (64, dict(rope_type="proportional", partial_rotary_factor=0.25, factor=2.0)),
 }
 PREFIX = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}
 
@@ -63,17 +64,18 @@ def _our_rotary(config: llama.LlamaConfig):
   return jax.jit(lambda position_ids: llama.rotary(position_ids, *llama.rope_inv_freq(config, position_ids)))
 
 
-def test_refused_rope_types_are_the_ones_transformers_keeps_for_other_models():
-  """Llama, Mistral and Qwen2 share transformers' rotary code path (ROPE_INIT_FUNCTIONS); all of it but the
-  'proportional' type (Gemma 4's partial rotation) is supported, and that one is refused in one sentence."""
-  assert set(rope.ROPE_TYPES) == set(ROPE_INIT_FUNCTIONS) - {"proportional"} | {"default"}
+def test_every_rope_type_of_the_shared_transformers_code_path_and_no_other():
+  """Llama, Mistral and Qwen2 share transformers' rotary code path (ROPE_INIT_FUNCTIONS, dynamic_rope_update);
+  every type it has is supported, and any other (e.g. 'axial', which only other models use) is refused in one
+  sentence."""
+  assert set(rope.ROPE_TYPES) == set(ROPE_INIT_FUNCTIONS) | {"default"}
   sources = {inspect.getsource(_torch_rotary_class(model_type)).replace(PREFIX[model_type], "X")
              for model_type in PREFIX}
   assert len(sources) == 1 and "@dynamic_rope_update" in sources.pop()
   with pytest.raises(ValueError) as error:
-    llama.LlamaConfig.from_hf({**TINY, "rope_parameters": {"rope_type": "proportional", "rope_theta": 1e4}})
+    llama.LlamaConfig.from_hf({**TINY, "rope_parameters": {"rope_type": "axial", "rope_theta": 1e4}})
   message = str(error.value)
-  assert message.startswith("LlamaConfig.rope_scaling rope_type='proportional' is not supported; valid: (")
+  assert message.startswith("LlamaConfig.rope_scaling rope_type='axial' is not supported; valid: (")
   assert "yarn" in message and "\n" not in message and message.count(";") == 1
 
 
@@ -211,8 +213,10 @@ def test_config_errors_and_original_max_priority():
   assert "long_factor must be a list of 8 numbers (head_dim / 2), got [1.0, 1.0]" in error(
       {"rope_type": "longrope", "short_factor": [1.0] * HALF, "long_factor": [1.0, 1.0]})
   assert "factor must be a number for rope_type 'dynamic', got '2'" in error({"type": "dynamic", "factor": "2"})
-  assert "partial_rotary_factor=0.5 is not supported" in error({"rope_type": "yarn", "factor": 2.0,
-                                                                 "partial_rotary_factor": 0.5})
+  assert "partial_rotary_factor=0.5 is not supported for rope_type 'yarn'; valid: 1.0" in error(
+      {"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.5})
+  assert "partial_rotary_factor=1.5 is not supported; valid: a number in [0, 1]" in error(
+      {"rope_type": "proportional", "partial_rotary_factor": 1.5})
   assert rope.parse_scaling({"rope_type": "default"}, 64, 16) is None
   assert dict(rope.parse_scaling({"type": "yarn", "factor": 2.0}, 64, 16)) == {
       "rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}

@@ -14,6 +14,9 @@ scaling as sorted (key, value) pairs (`parse_scaling`), so any model's config ca
   theta (factor seq_len / max_position_embeddings - (factor - 1))^(d / (d - 2)).
 - "longrope": inv_freq / short_factor, or / long_factor once the longest position of a call passes
   original_max_position_embeddings, with the attention factor sqrt(1 + ln(factor) / ln(original max)).
+- "proportional": the first partial_rotary_factor of the angles (exponents over the whole head_dim), the rest
+  zero (those dimensions pass unrotated), all divided by factor (default 1).  It is the only type that takes a
+  partial_rotary_factor other than 1.
 
 For "dynamic" and "longrope" the call's sequence length is max(position_ids) + 1 over the whole batch (traced,
 so it works inside jit and in each step of cached generation), as transformers' `dynamic_rope_update`.  Keys
@@ -32,9 +35,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope", "proportional")
 _REQUIRED = {"linear": ("factor",), "dynamic": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
-             "yarn": ("factor",), "longrope": ("short_factor", "long_factor")}
+             "yarn": ("factor",), "longrope": ("short_factor", "long_factor"), "proportional": ()}
 _WITH_ORIGINAL_MAX = ("llama3", "yarn", "longrope")  # transformers fills original_max_position_embeddings for these
 
 
@@ -68,9 +71,12 @@ def parse_scaling(scaling, max_position_embeddings: int, head_dim: int,
   scaling["rope_type"] = rope_type
   if rope_type not in ROPE_TYPES:
     raise ValueError(f"{where} rope_type={rope_type!r} is not supported; valid: {ROPE_TYPES}.")
-  if scaling.get("partial_rotary_factor", 1.0) != 1.0:
-    raise ValueError(f"{where} partial_rotary_factor={scaling['partial_rotary_factor']} is not supported; "
-                     "valid: 1.0.")
+  partial = scaling.get("partial_rotary_factor", 1.0)
+  if rope_type == "proportional" and not (isinstance(partial, (int, float)) and 0.0 <= partial <= 1.0):
+    raise ValueError(f"{where} partial_rotary_factor={partial!r} is not supported; valid: a number in [0, 1].")
+  if rope_type != "proportional" and partial != 1.0:
+    raise ValueError(f"{where} partial_rotary_factor={partial!r} is not supported for rope_type {rope_type!r}; "
+                     "valid: 1.0 (or rope_type 'proportional').")
   if rope_type == "default":
     return None
   if rope_type in _WITH_ORIGINAL_MAX:
@@ -167,6 +173,9 @@ def inv_freq(head_dim: int, rope_theta: float, scaling, max_position_embeddings:
     freqs, attention = _yarn(head_dim, rope_theta, s, max_position_embeddings)
   elif rope_type == "longrope":
     freqs, attention = freqs / np.asarray(s["short_factor"]), _longrope_attention(s, max_position_embeddings)
+  elif rope_type == "proportional":
+    angles = int(s.get("partial_rotary_factor", 1.0) * head_dim // 2)
+    freqs = np.where(np.arange(head_dim // 2) < angles, freqs, 0.0) / s.get("factor", 1.0)
   return freqs.astype(np.float32), attention
 
 
