@@ -31,7 +31,7 @@ CASES = {
                         original_max_position_embeddings=16)),
     "dynamic": (16, dict(rope_type="dynamic", factor=3.0)),
     "yarn": (64, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16)),
-    # the ramp falls inside the frequencies (dimensions 4..11 of 16 are blended) and no truncation
+    # the ramp, not truncated, runs from frequency 2.62 to 4.42 of 8: frequencies 3 and 4 are blended
     "yarn_ramp": (8192, dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=2048, beta_fast=16,
                              beta_slow=2, truncate=False)),
     "yarn_mscale": (64, dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=16, mscale=0.707,
@@ -155,7 +155,6 @@ CHECKPOINTS = {
 }
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("model_type,case", list(CHECKPOINTS))
 def test_checkpoint_logits_and_generation_match_transformers(model_type, case, tmp_path):
   folder = str(tmp_path / "hf")

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope", "proportional")
-_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
-             "yarn": ("factor",), "longrope": ("short_factor", "long_factor"), "proportional": ()}
+_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",), "proportional": (),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor"), "longrope": ("short_factor", "long_factor")}
 _WITH_ORIGINAL_MAX = ("llama3", "yarn", "longrope")  # transformers fills original_max_position_embeddings for these
 
 
@@ -67,7 +67,8 @@ def parse_scaling(scaling, max_position_embeddings: int, head_dim: int,
   if not scaling:
     return None
   scaling = dict(scaling)
-  rope_type = scaling.pop("type", None) or scaling.get("rope_type", "default")
+  rope_type = scaling.get("rope_type") or scaling.get("type") or "default"  # as transformers: rope_type first
+  scaling.pop("type", None)
   scaling["rope_type"] = rope_type
   if rope_type not in ROPE_TYPES:
     raise ValueError(f"{where} rope_type={rope_type!r} is not supported; valid: {ROPE_TYPES}.")
@@ -113,15 +114,9 @@ def _llama3(inv_freq: np.ndarray, s: dict) -> np.ndarray:
   return np.where(medium, smoothed, scaled)
 
 
-def _yarn_factor(s: dict, max_position_embeddings: int) -> float:
-  """YaRN's `factor` (None: max_position_embeddings / original_max_position_embeddings, as DeepSeek-V3)."""
-  factor = s["factor"]
-  return max_position_embeddings / s["original_max_position_embeddings"] if factor is None else factor
-
-
 def _yarn(head_dim: int, rope_theta: float, s: dict, max_position_embeddings: int) -> tuple[np.ndarray, float]:
-  factor = _yarn_factor(s, max_position_embeddings)
   original = s["original_max_position_embeddings"]
+  factor = max_position_embeddings / original if s["factor"] is None else s["factor"]  # None: as DeepSeek-V3
 
   def mscale(scale, m=1.0):
     return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
