@@ -1,6 +1,6 @@
 """RoPE scaling (peftjax.models.rope) against transformers 5.23: the rotary cos/sin of every rope_type on the
-Llama, Mistral and Qwen2 rotary classes, and tiny yarn / dynamic / longrope checkpoints end to end (logits with
-both paddings below and above the original maximum length, greedy generation that crosses it)."""
+Llama, Mistral and Qwen2 rotary classes, and tiny yarn / dynamic / longrope / proportional checkpoints end to end
+(logits with both paddings below and above the original maximum length, greedy generation that crosses it)."""
 
 from __future__ import annotations
 
@@ -152,6 +152,7 @@ CHECKPOINTS = {
     ("llama", "dynamic"): None,  # plain RoPE
     ("llama", "longrope"): dict(long_factor=tuple(_factors[0])),
     ("mistral", "longrope_factor"): dict(long_factor=tuple(_factors[0])),
+    ("llama", "proportional"): dict(partial_rotary_factor=1.0),
 }
 
 
@@ -164,12 +165,12 @@ def test_checkpoint_logits_and_generation_match_transformers(model_type, case, t
   torch_model = getattr(transformers, f"{PREFIX[model_type]}ForCausalLM").from_pretrained(folder).eval()
   model, params = llama.from_pretrained(folder)
   s = dict(model.config.rope_scaling)
+  switches = s["rope_type"] in ("dynamic", "longrope")
   threshold = s.get("original_max_position_embeddings", model.config.max_position_embeddings)
-  assert threshold == 16 and s["rope_type"] == CASES[case][1]["rope_type"]
+  assert s["rope_type"] == CASES[case][1]["rope_type"] and (threshold == 16 or not switches)
   change = CHECKPOINTS[model_type, case]
   other_scaling = None if change is None else {**s, **change}
   other = model.clone(config=dataclasses.replace(model.config, rope_scaling=other_scaling))
-  switches = s["rope_type"] in ("dynamic", "longrope")
   for i, batch in enumerate(SHORT + LONG):
     mask = batch["attention_mask"]
     expected = _torch_logits(torch_model, batch)
@@ -182,7 +183,7 @@ def test_checkpoint_logits_and_generation_match_transformers(model_type, case, t
       assert changed > 1e-3
 
   prompts = SHORT[1]
-  assert prompts["input_ids"].shape[1] < threshold < prompts["input_ids"].shape[1] + 16  # generation crosses it
+  assert not switches or prompts["input_ids"].shape[1] < threshold < prompts["input_ids"].shape[1] + 16  # crosses
   ours = np.asarray(llama.generate(model, params, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=16,
                                    eos_token_id=(), pad_token_id=0))
   torch_model.generation_config.eos_token_id = None  # all 16 tokens in every row, as ours without EOS
