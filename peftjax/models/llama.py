@@ -1,9 +1,10 @@
 """Llama-family causal language models (Llama 2/3, Mistral, Qwen2) in Flax linen with Hugging Face names.
 
 One module covers the family through config switches: grouped-query attention (`num_key_value_heads`),
-`head_dim` independent of hidden_size / heads, rotary embeddings in the rotate-half layout (the `rope_scaling`
-types of `peftjax.models.rope`: default, linear, llama3, dynamic, yarn, longrope), biases on q/k/v (Qwen2) or on
-every projection (`attention_bias`), Mistral's / Qwen2's sliding-window attention, and a tied or untied output head.
+`head_dim` independent of hidden_size / heads, rotary embeddings in the rotate-half layout (every `rope_scaling`
+type of `peftjax.models.rope`: default, linear, llama3, dynamic, yarn, longrope, proportional), biases on q/k/v
+(Qwen2) or on every projection (`attention_bias`), Mistral's / Qwen2's sliding-window attention, and a tied or
+untied output head.
 RMS norms compute their statistics in float32; the MLP is down_proj(silu(gate_proj x) * up_proj x).
 
 Parameter paths mirror the PyTorch module names (``model/layers_0/self_attn/q_proj/kernel`` is
