@@ -161,7 +161,8 @@ def test_checkpoint_logits_and_generation_match_transformers(model_type, case, t
   folder = str(tmp_path / "hf")
   _torch_model(model_type, case).save_pretrained(folder)
   # calls ordered so that transformers' rotary module, which keeps the longest length's dynamic frequencies
-  # until a call shorter than the original maximum resets them, computes each call's own (see peftjax.models.rope)
+  # until a call shorter than the original maximum resets them, computes each call's own (see peftjax.models.rope):
+  # short calls, long calls, then generation
   torch_model = getattr(transformers, f"{PREFIX[model_type]}ForCausalLM").from_pretrained(folder).eval()
   model, params = llama.from_pretrained(folder)
   s = dict(model.config.rope_scaling)
@@ -182,17 +183,19 @@ def test_checkpoint_logits_and_generation_match_transformers(model_type, case, t
     else:
       assert changed > 1e-3
 
-  prompts = SHORT[1]
-  assert not switches or prompts["input_ids"].shape[1] < threshold < prompts["input_ids"].shape[1] + 16  # crosses
-  ours = np.asarray(llama.generate(model, params, prompts["input_ids"], prompts["attention_mask"], max_new_tokens=16,
-                                   eos_token_id=(), pad_token_id=0))
+  assert not switches or SHORT[1]["input_ids"].shape[1] < threshold < SHORT[1]["input_ids"].shape[1] + 16
   torch_model.generation_config.eos_token_id = None  # all 16 tokens in every row, as ours without EOS
-  with torch.no_grad():
-    theirs = torch_model.generate(torch.tensor(prompts["input_ids"]),
-                                  attention_mask=torch.tensor(prompts["attention_mask"]), max_new_tokens=16,
-                                  do_sample=False, pad_token_id=0).numpy()[:, 9:]
-  assert len(np.unique(ours)) > 4
-  assert_same_tokens(ours, theirs, "ours vs transformers generate")
+  # dynamic: also a prompt already past the maximum, whose cached keys keep the prefill's frequencies while each
+  # decoding step's grow (the long prompt first, for the reason above)
+  for prompts in [LONG[1], SHORT[1]] if s["rope_type"] == "dynamic" else [SHORT[1]]:
+    ours = np.asarray(llama.generate(model, params, prompts["input_ids"], prompts["attention_mask"],
+                                     max_new_tokens=16, eos_token_id=(), pad_token_id=0))
+    with torch.no_grad():
+      theirs = torch_model.generate(torch.tensor(prompts["input_ids"]),
+                                    attention_mask=torch.tensor(prompts["attention_mask"]), max_new_tokens=16,
+                                    do_sample=False, pad_token_id=0).numpy()[:, prompts["input_ids"].shape[1]:]
+    assert len(np.unique(ours)) > 4
+    assert_same_tokens(ours, theirs, "ours vs transformers generate")
 
   ours_folder = str(tmp_path / "ours")
   llama.save_pretrained(model, params, ours_folder)
