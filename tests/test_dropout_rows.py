@@ -34,7 +34,7 @@ def test_keep_mask_per_row_follows_the_row_id():
 @pytest.mark.parametrize("keep", [0.9, 0.25])
 def test_keep_mask_is_bernoulli_of_keep_and_uncorrelated(keep):
   """The hashed mask bits: each element kept with probability `keep` (within 5 standard errors over 640k draws),
-  no correlation between neighbouring elements (the two 16-bit halves of one hash sit side by side), between rows
+  no correlation between neighbouring elements, between rows
   or between steps; odd row lengths and arrays outside a `rows` block get their shape."""
   key, n = jax.random.key(11), 16 * 40_001
   with dropout.rows(jnp.arange(16)):
