@@ -143,7 +143,7 @@ def abstract_model(config: ml_collections.ConfigDict, path: str | None):
       raise ValueError(f"config.model_shape does not make a {config.family} model ({reason}); its keys are Hugging "
                        f"Face {family.config_cls.__name__} fields, sizes positive.") from None
   try:
-    gguf_file = gguf.find(path) if config.family == "llama" else None
+    gguf_file = gguf.find(path) if config.family in ("llama", "gemma") else None
     hf_config = gguf.read_config(gguf_file) if gguf_file else _folder_config(path)
   except ValueError as e:
     raise ValueError(str(e) if str(e).startswith("config.") else f"config.model={config.model!r}: {e}") from None

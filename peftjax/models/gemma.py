@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax import tree as ptree
 from peftjax.dropout import Dropout
 from peftjax.models import decoding, gguf, hf_io, layers, llama
 from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
