@@ -270,3 +270,28 @@ def test_lora_folders_both_ways_with_peft(checkpoints, tmp_path):
   assert _max_diff(theirs, ours, RIGHT["attention_mask"]) > 1e-2  # a different adapter: not vacuous
   merged = pj.merge(their_cfg, params, their_adapters)
   assert _max_diff(_logits(model, merged, RIGHT), mine) < 1e-4  # merged weights round differently
+
+
+@pytest.mark.slow  # a whole python -m train run (data, tokenizer, eval, checkpoint, PEFT export)
+def test_lora_gemma_config_trains_and_exports(tmp_path):
+  """configs/lora_gemma.py (shrunk to a tiny random Gemma 3 of its family) passes validate.check and trains; its PEFT
+  folder loads on transformers' model built from the exported base with the run's logits."""
+  import train
+  from train import validate
+  from test_train import load_config, override
+  config = load_config("lora_gemma")
+  assert config.family == "gemma" and config.model_shape.num_hidden_layers == 18  # the 270M's shape
+  shape = {f"model_shape.{k}": v for k, v in dict(vocab_size=49152, hidden_size=32, intermediate_size=48,
+                                                    num_hidden_layers=2, num_attention_heads=2, head_dim=16,
+                                                    query_pre_attn_scalar=16, sliding_window=4).items()}
+  config = override(config, {"model": "random", "workdir": str(tmp_path), "steps": 2, "batch_size": 2,
+                             "max_length": 8, "eval_examples": 2, "train_examples": 4, "checkpoint_every": 2, **shape})
+  validate.check(config)
+  result = train.main(config)
+  assert result["final_step"] == 2 and np.isfinite(result["after"]["loss"])
+  torch_model = peft.PeftModel.from_pretrained(transformers.Gemma3ForCausalLM.from_pretrained(str(tmp_path / "base")),
+                                               str(tmp_path / "adapter")).eval()
+  model, lora_cfg, adapters = result["model"], result["method"], result["state"]["trainable"]
+  ids = np.random.default_rng(0).integers(3, 49152, (2, 8))
+  ours = jax.jit(pj.apply(lora_cfg, model.apply))(result["frozen"], adapters, ids)
+  assert _max_diff(ours, _torch_logits(torch_model, dict(input_ids=ids))) < 1e-4
