@@ -239,6 +239,10 @@ def test_config_round_trip_and_errors(checkpoints):
     gemma.GemmaConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
   with pytest.raises(ValueError, match="layer_types=.* must list one of"):
     gemma.GemmaConfig(num_hidden_layers=2, layer_types=("full_attention",))
+  from train import validate
+  from test_train import load_config
+  with pytest.raises(ValueError, match="config.method='prompt_tuning' is not supported for config.family='gemma'"):
+    validate.check_sections(load_config("lora_gemma", method="prompt_tuning"))  # no sqrt(hidden) on its embeddings
 
 
 def test_lora_folders_both_ways_with_peft(checkpoints, tmp_path):
