@@ -14,7 +14,7 @@ q_proj/kernel``; the four norms ``input_layernorm``, ``post_attention_layernorm`
 ``post_feedforward_layernorm``), `scan_layers` / `remat`, logical axes, `prefix_kv` / `inputs_embeds` hooks
 (inputs_embeds are used as given, unscaled, as in transformers), the key/value cache of
 `peftjax.models.decoding`, a ...ForSequenceClassification class (a bias-free ``score`` on each row's last
-token, no soft-capping), and GGUF files through `peftjax.models.gguf` (architecture "gemma3").
+token, no soft-capping), and GGUF files through `peftjax.models.gguf` (architectures "gemma2", "gemma3").
 """
 
 from __future__ import annotations
