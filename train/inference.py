@@ -24,7 +24,7 @@ from safetensors import safe_open
 import peftjax as pj
 from peftjax import checkpoint, interop
 from peftjax import models as pj_models
-from peftjax.models import hf_io
+from peftjax.models import gguf, hf_io
 
 from train import data_files, loop, run_record, steps, tasks
 
@@ -132,7 +132,8 @@ def from_adapter_folder(folder: str) -> Loaded:
   if not base:
     raise ValueError(f"{folder!r}: adapter_config.json names no base_model_name_or_path, so the base is unknown.")
   base_path = loop.resolve(base)
-  model_type = "llama" if base_path.endswith(".gguf") else hf_io.read_config(base_path).get("model_type")
+  base_config = gguf.read_config(base_path) if base_path.endswith(".gguf") else hf_io.read_config(base_path)
+  model_type = base_config.get("model_type")
   module = pj_models.FAMILIES.get(model_type, "")
   found = [(name, kind, family) for name, kind, family in tasks.variants()
            if family.module.__name__ == module and family.task.peft_task_type == task_type]

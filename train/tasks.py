@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax.models import bert, gpt2, llama, roberta, t5
+from peftjax.models import bert, gemma, gpt2, llama, roberta, t5
 
 from train import instruct
 from train.data import IGNORE
@@ -174,6 +174,8 @@ FAMILIES = {
                    gpt2.GPT2ForSequenceClassification),
     "llama": Family(llama, llama.LlamaConfig, llama.LlamaForCausalLM, CausalLM, SMOLLM2_TOKENIZER,
                     llama.LlamaForSequenceClassification),
+    "gemma": Family(gemma, gemma.GemmaConfig, gemma.GemmaForCausalLM, CausalLM, SMOLLM2_TOKENIZER,
+                    gemma.GemmaForSequenceClassification),
 }
 TASK_TYPES = ("", "sequence_classification")
 

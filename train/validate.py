@@ -57,6 +57,10 @@ def check_sections(config: ml_collections.ConfigDict) -> None:
   task = tasks.family(config).task
   data_files.check_task(task.kind, config.task)
   data_files.settings(config)
+  if config.family == "gemma" and config.method in PACKING_REFUSED:  # they embed the tokens from the raw table
+    raise ValueError(f"config.method={config.method!r} is not supported for config.family='gemma' yet: it would feed "
+                     "the token embeddings without Gemma's sqrt(hidden_size) scale; use config.method='lora', 'dora' "
+                     "or 'full'.")
   methods.check(config)
   if config.optimizer.decay not in steps.DECAYS:
     raise ValueError(f"config.optimizer.decay={config.optimizer.decay!r} is not a known schedule; "
@@ -143,7 +147,7 @@ def abstract_model(config: ml_collections.ConfigDict, path: str | None):
       raise ValueError(f"config.model_shape does not make a {config.family} model ({reason}); its keys are Hugging "
                        f"Face {family.config_cls.__name__} fields, sizes positive.") from None
   try:
-    gguf_file = gguf.find(path) if config.family == "llama" else None
+    gguf_file = gguf.find(path) if config.family in ("llama", "gemma") else None
     hf_config = gguf.read_config(gguf_file) if gguf_file else _folder_config(path)
   except ValueError as e:
     raise ValueError(str(e) if str(e).startswith("config.") else f"config.model={config.model!r}: {e}") from None

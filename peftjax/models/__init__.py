@@ -15,6 +15,8 @@ FAMILIES = {
     "llama": "peftjax.models.llama",
     "mistral": "peftjax.models.llama",
     "qwen2": "peftjax.models.llama",
+    "gemma2": "peftjax.models.gemma",
+    "gemma3_text": "peftjax.models.gemma",
 }
 
 

@@ -3,7 +3,10 @@
 `read(path)` gives a Hugging Face config.json-style dict and {Hugging Face tensor name: float32 array},
 which `peftjax.models.llama.from_pretrained` turns into (model, params); `load_tokenizer(path)` builds
 the transformers tokenizer stored in the file.  Architectures: "llama" (llama.cpp also stores Mistral
-and SmolLM as llama; their sliding window, if any, is not recorded and so not applied) and "qwen2".
+and SmolLM as llama; their sliding window, if any, is not recorded and so not applied), "qwen2", and "gemma2" /
+"gemma3" (text only), which `peftjax.models.gemma.from_pretrained` loads: their RMS norm weights are stored as
+w + 1 (`read` subtracts 1), their Q/K rows are not permuted, and what llama.cpp hard-codes rather than records
+(the layer pattern, Gemma 3's local RoPE base 10000, query_pre_attn_scalar) takes llama.cpp's values.
 
 Quantised tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantised with gguf-py to float32, so the
 weights equal the quantised model's, not the original bf16 ones.  llama.cpp permutes the rows of Q
@@ -22,8 +25,10 @@ import types
 
 import numpy as np
 
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 _PERMUTED_QK = ("llama",)
+_GEMMA = ("gemma2", "gemma3")  # norms stored as w + 1; llama.cpp's 27B models scale queries by hidden / heads
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
@@ -35,6 +40,15 @@ _LAYER_TENSORS = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma's four norms per layer and q/k norms (llama's ffn_norm is Gemma's pre_feedforward_layernorm).
+_GEMMA_LAYER_TENSORS = {
+    **_LAYER_TENSORS,
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
 _ROPE_FREQS = "rope_freqs.weight"
 
@@ -53,16 +67,19 @@ def find(path: str) -> str | None:
   return os.path.join(path, files[0]) if files else None
 
 
-def hf_name(gguf_name: str) -> str:
-  """llama.cpp tensor name -> Hugging Face name: 'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str:
+  """llama.cpp tensor name -> Hugging Face name: 'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'
+  (`arch` the file's general.architecture: Gemma's norms have names of their own)."""
+  names = _GEMMA_LAYER_TENSORS if arch in _GEMMA else _LAYER_TENSORS
   layer = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-  if layer and layer.group(2) in _LAYER_TENSORS:
-    return f"model.layers.{layer.group(1)}.{_LAYER_TENSORS[layer.group(2)]}.{layer.group(3)}"
+  if layer and layer.group(2) in names:
+    return f"model.layers.{layer.group(1)}.{names[layer.group(2)]}.{layer.group(3)}"
   top = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
   if top and top.group(1) in _GLOBAL_TENSORS:
     return f"{_GLOBAL_TENSORS[top.group(1)]}.{top.group(2)}"
-  raise ValueError(f"GGUF tensor {gguf_name!r} has no Llama-family counterpart; known names: "
-                   f"{sorted(_GLOBAL_TENSORS)} and blk.N.{{{', '.join(sorted(_LAYER_TENSORS))}}}.")
+  family = "Gemma" if arch in _GEMMA else "Llama-family"
+  raise ValueError(f"GGUF tensor {gguf_name!r} has no {family} counterpart; known names: "
+                   f"{sorted(_GLOBAL_TENSORS)} and blk.N.{{{', '.join(sorted(names))}}}.")
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -155,6 +172,8 @@ def config_from_metadata(reader, tensors: dict[str, np.ndarray]) -> dict:
       "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
       "pad_token_id": _field(reader, "tokenizer.ggml.padding_token_id"),
   }
+  if arch in _GEMMA:
+    config.update(_gemma_config(meta, arch, config))
   scaling_type = meta("rope.scaling.type", "none")
   if scaling_type == "linear":
     config["rope_scaling"] = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
@@ -166,15 +185,36 @@ def config_from_metadata(reader, tensors: dict[str, np.ndarray]) -> dict:
   return config
 
 
+def _gemma_config(meta, arch: str, config: dict) -> dict:
+  """Gemma's config keys: the sliding window, soft-caps, local RoPE base and layer pattern the file records (newer
+  converters write the last two; else llama.cpp's built-in ones apply), and llama.cpp's query_pre_attn_scalar
+  (head_dim, or hidden / heads for the 27B models)."""
+  big = config["num_hidden_layers"] == _GEMMA_27B_LAYERS[arch]
+  out = {"sliding_window": meta("attention.sliding_window"),
+         "attn_logit_softcapping": meta("attn_logit_softcapping"),
+         "final_logit_softcapping": meta("final_logit_softcapping"),
+         "query_pre_attn_scalar": config["hidden_size"] // config["num_attention_heads"] if big else config["head_dim"]}
+  if meta("rope.freq_base_swa") is not None:
+    out["rope_local_base_freq"] = meta("rope.freq_base_swa")
+  pattern = meta("attention.sliding_window_pattern")
+  if isinstance(pattern, list):  # per layer: True for a sliding-window layer
+    out["layer_types"] = ["sliding_attention" if s else "full_attention" for s in pattern]
+  elif pattern is not None:
+    out["sliding_window_pattern"] = pattern
+  return out
+
+
 def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(Hugging Face config dict, {Hugging Face tensor name: float32 array in PyTorch layout}) of a GGUF file."""
   from gguf.quants import dequantize
   reader = _reader(path)
+  arch = _field(reader, "general.architecture")
   raw = {}
   for tensor in reader.tensors:
     shape = [int(n) for n in reversed(tensor.shape)]
     value = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
-    raw[tensor.name if tensor.name == _ROPE_FREQS else hf_name(tensor.name)] = value
+    name = tensor.name if tensor.name == _ROPE_FREQS else hf_name(tensor.name, arch)
+    raw[name] = value - 1.0 if arch in _GEMMA and name.endswith("norm.weight") else value  # stored as w + 1
   config = config_from_metadata(reader, raw)
   raw.pop(_ROPE_FREQS, None)
   if config["model_type"] in _PERMUTED_QK:
@@ -197,13 +237,14 @@ def read_config(path: str) -> dict:
   beyond the small rope_freqs table)."""
   from gguf.quants import dequantize
   reader = _reader(path)
+  arch = _field(reader, "general.architecture")
   tensors = {}
   for tensor in reader.tensors:
     shape = tuple(int(n) for n in reversed(tensor.shape))
     if tensor.name == _ROPE_FREQS:
       tensors[_ROPE_FREQS] = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
     else:
-      tensors[hf_name(tensor.name)] = types.SimpleNamespace(shape=shape)  # only its shape is looked at
+      tensors[hf_name(tensor.name, arch)] = types.SimpleNamespace(shape=shape)  # only its shape is looked at
   return config_from_metadata(reader, tensors)
 
 
@@ -230,4 +271,8 @@ def load_tokenizer(path: str):
     token_id = metadata.get(f"tokenizer.ggml.{key}")
     tokenizer_config[name] = tokenizer["tokens"][token_id] if token_id is not None else None
   backend, extra = mapping.convert_gguf_tokenizer(metadata["general.architecture"], tokenizer)
-  return PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=file, **tokenizer_config, **extra)
+  # name_or_path is set afterwards: transformers' Mistral-regex check for vocabularies over 100k tokens (Gemma's)
+  # would look the path up as a hub id offline and fail
+  fast = PreTrainedTokenizerFast(tokenizer_object=backend, name_or_path=None, **tokenizer_config, **extra)
+  fast.name_or_path = file
+  return fast
