@@ -115,6 +115,24 @@ def test_logits_match_transformers(checkpoints, variant):
   assert _max_diff(_logits(scanned, stacked, RIGHT), _logits(model, params, RIGHT)) < 1e-5
 
 
+@pytest.mark.parametrize("global_rope", [dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=16),
+                                         dict(rope_type="dynamic", factor=2.0)])
+def test_rope_types_of_the_global_layers_match_transformers(tmp_path, global_rope):
+  """Gemma 3's global layers take any rope type (`peftjax.models.rope`); dynamic NTK crosses its max of 8 on the
+  9-token prompts."""
+  _, model_cls, kwargs = VARIANTS["gemma3"]
+  rope_parameters = dict(kwargs["rope_parameters"], full_attention=dict(global_rope, rope_theta=10000.0))
+  torch.manual_seed(0)
+  config = transformers.Gemma3TextConfig(**{**TINY, **kwargs, "rope_parameters": rope_parameters,
+                                            "max_position_embeddings": 8})
+  perturb_torch(transformers.Gemma3ForCausalLM(config)).save_pretrained(tmp_path)
+  torch_model = _load_torch(str(tmp_path), "gemma3")
+  model, params = gemma.from_pretrained(str(tmp_path))
+  assert dict(model.config.rope_scaling)["rope_type"] == global_rope["rope_type"]
+  for batch in (RIGHT, LEFT):
+    assert _max_diff(_logits(model, params, batch), _torch_logits(torch_model, batch), batch["attention_mask"]) < 1e-4
+
+
 @pytest.mark.slow  # eight compilations: ~30 s on a loaded machine
 def test_features_change_the_output(checkpoints):
   """Each Gemma feature matters on these inputs, so the comparisons above would catch it missing."""
@@ -235,8 +253,8 @@ def test_config_round_trip_and_errors(checkpoints):
     gemma.GemmaConfig.from_hf({"model_type": "gemma3", "text_config": {}})
   with pytest.raises(ValueError, match="use_bidirectional_attention=true .* is not supported"):
     gemma.GemmaConfig.from_hf({**TINY, "model_type": "gemma3_text", "use_bidirectional_attention": True})
-  with pytest.raises(ValueError, match="rope_type='yarn' is not supported"):
-    gemma.GemmaConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+  with pytest.raises(ValueError, match="rope_type='axial' is not supported"):
+    gemma.GemmaConfig(rope_scaling={"rope_type": "axial", "factor": 2.0})
   with pytest.raises(ValueError, match="layer_types=.* must list one of"):
     gemma.GemmaConfig(num_hidden_layers=2, layer_types=("full_attention",))
   from train import validate

@@ -7,7 +7,8 @@ up_proj x), attention scores scaled by query_pre_attn_scalar ** -0.5, Gemma 2's 
 (cap * tanh(s / cap); transformers' Gemma 3 ignores the setting), final-logit soft-capping, Gemma 3's RMS
 q_norm / k_norm over each head before the rotary embedding, and sliding-window layers ("sliding_attention" in
 `layer_types`) interleaved with global ones.  Gemma 3's sliding layers rotate with `rope_local_base_freq`, its
-global ones with `rope_theta` and the optional "linear" `rope_scaling`; Gemma 2 uses one RoPE for all layers.
+global ones with `rope_theta` and the optional `rope_scaling` (any type of `peftjax.models.rope`, e.g. "linear");
+Gemma 2 uses one RoPE for all layers.
 
 The structure, public API and conventions are llama.py's: the same parameter paths (``model/layers_0/self_attn/
 q_proj/kernel``; the four norms ``input_layernorm``, ``post_attention_layernorm``, ``pre_feedforward_layernorm``,
@@ -29,13 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax.dropout import Dropout
-from peftjax.models import decoding, gguf, hf_io, layers, llama
+from peftjax.models import decoding, gguf, hf_io, layers, llama, rope
 from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
 ARCHITECTURES = {"gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 CLASSIFIERS = {"gemma2": "Gemma2ForSequenceClassification", "gemma3_text": "Gemma3TextForSequenceClassification"}
 LAYER_TYPES = llama.LAYER_TYPES
-ROPE_TYPES = ("default", "linear")
 # The layer pattern transformers derives when config.json has no layer_types: every n-th layer is global.
 _DEFAULT_PATTERN = {"gemma2": 2, "gemma3_text": 6}
 _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_new", "gelu")
@@ -46,7 +46,7 @@ class GemmaConfig:
   """Gemma 2 / Gemma 3 text hyper-parameters under their Hugging Face names (defaults: Gemma 3 270M).
 
   `rope_theta` is the global layers' base, `rope_local_base_freq` the sliding layers' (Gemma 3; Gemma 2 uses
-  rope_theta for all).  `rope_scaling` ({"rope_type": "linear", "factor": 8.0}, stored as sorted pairs) applies to
+  rope_theta for all).  `rope_scaling` (e.g. {"rope_type": "linear", "factor": 8.0}; stored as sorted pairs) applies to
   Gemma 3's global layers, or to every Gemma 2 layer.  `layer_types` defaults to transformers' pattern
   (`sliding_window_pattern`: every 2nd layer global in Gemma 2, every 6th in Gemma 3).
   """
@@ -92,7 +92,8 @@ class GemmaConfig:
                        f"num_key_value_heads={self.num_key_value_heads}.")
     if isinstance(self.eos_token_id, list):
       set_("eos_token_id", tuple(self.eos_token_id))
-    set_("rope_scaling", _rope_scaling(self.rope_scaling))
+    set_("rope_scaling", rope.parse_scaling(self.rope_scaling, self.max_position_embeddings, self.head_dim,
+                                            "GemmaConfig.rope_scaling"))
     if self.model_type == "gemma2":
       set_("rope_local_base_freq", self.rope_theta)
     if self.layer_types is None:
@@ -161,31 +162,12 @@ class GemmaConfig:
     return hf
 
 
-def _rope_scaling(scaling):
-  """Hugging Face rope_scaling (dict or pairs) -> sorted pairs with 'rope_type', or None for plain RoPE."""
-  if not scaling:
-    return None
-  scaling = dict(scaling)
-  rope_type = scaling.pop("type", None) or scaling.get("rope_type", "default")
-  scaling["rope_type"] = rope_type
-  if rope_type not in ROPE_TYPES:
-    raise ValueError(f"GemmaConfig.rope_scaling rope_type={rope_type!r} is not supported; valid: {ROPE_TYPES}.")
-  if rope_type == "default":
-    return None
-  if "factor" not in scaling:
-    raise ValueError("GemmaConfig.rope_scaling of rope_type 'linear' needs 'factor'.")
-  return tuple(sorted(scaling.items()))
-
-
-def rope_inv_freq(config: GemmaConfig, local: bool) -> np.ndarray:
-  """Rotary inverse frequencies (head_dim // 2,) float32 of the sliding (`local`) or the global layers."""
-  dim = config.head_dim
+def rope_inv_freq(config: GemmaConfig, local: bool, position_ids: jax.Array) -> tuple[jax.Array, float]:
+  """(inv_freq (head_dim // 2,), attention scaling) of the sliding (`local`) or the global layers for one call;
+  `rope_scaling` applies to Gemma 3's global layers and to every Gemma 2 layer (`peftjax.models.rope`)."""
   theta = config.rope_local_base_freq if local else config.rope_theta
-  inv_freq = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-  scaling = dict(config.rope_scaling or {})
-  if scaling and (config.model_type == "gemma2" or not local):  # linear: positions divided by factor
-    inv_freq = inv_freq / scaling["factor"]
-  return inv_freq.astype(np.float32)
+  scaling = config.rope_scaling if config.model_type == "gemma2" or not local else None
+  return rope.call_inv_freq(position_ids, config.head_dim, theta, scaling, config.max_position_embeddings)
 
 
 def _normal(std: float, axes: tuple[str, ...]):
@@ -346,7 +328,8 @@ class GemmaModel(nn.Module):
   def __call__(self, embeddings, position_ids, masks, prefix_kv, cache, cache_index, deterministic: bool):
     """Final hidden states (batch, length, hidden) and the updated cache (None without one)."""
     c = self.config
-    rope = (*llama.rotary(position_ids, rope_inv_freq(c, False)), *llama.rotary(position_ids, rope_inv_freq(c, True)))
+    rope = (*llama.rotary(position_ids, *rope_inv_freq(c, False, position_ids)),
+            *llama.rotary(position_ids, *rope_inv_freq(c, True, position_ids)))
     local = c.local_layers
     x = embeddings
     if self.scan_layers:
