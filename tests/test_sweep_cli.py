@@ -60,6 +60,7 @@ def test_sweep_writes_the_table_and_each_member_equals_its_own_run(swept, tmp_pa
     markdown = f.read()
   assert all(name in markdown for name in names)
   assert sorted(os.listdir(os.path.join(workdir, "members"))) == names
+  assert train.main(swept["config"])["finished"]  # a finished sweep rerun rewrites nothing
   losses = swept["losses"]
   assert losses.shape == (8, 3) and np.abs(losses[-1, 0] - losses[-1, 2]) > 1e-6  # the seed matters
 
