@@ -76,7 +76,8 @@ def init(cfg: pj.LoraConfig, members: Sequence[Member], params: dict, saved: str
     both = sorted({p.rsplit("/", 1)[0] for p in leaves} & {p.rsplit("/", 1)[0] for p in lora_trainable})
     if both:
       raise ValueError(f"{both[0]!r} is both a LoRA target and a module to save; a sweep trains a module one way.")
-    copies = {p: jnp.stack([v] * len(members)) for p, v in ptree.flatten(modules_to_save.copy_leaves(params, leaves)).items()}
+    copies = {p: jnp.stack([v] * len(members))
+              for p, v in ptree.flatten(modules_to_save.copy_leaves(params, leaves)).items()}
   return {"trainable": {"lora": ptree.unflatten(lora_trainable), "saved": ptree.unflatten(copies)},
           "scaling": ptree.unflatten({p: v for p, v in stacked.items() if p.endswith("/scaling")}),
           "mask": {"lora": ptree.unflatten(mask), "saved": ptree.unflatten(
@@ -117,7 +118,8 @@ def make_forward(model_apply: Callable[..., Any]) -> Callable[..., Any]:
     for path in ptree.flatten(trainable["saved"]):
       module, name = path.rsplit("/", 1)
       modules[module] = modules.get(module, ()) + (name,)
-    with_saved = lambda variables, *a, **kw: model_apply({**variables, SAVED: trainable["saved"]}, *a, **kw)  # noqa: E731
+    def with_saved(variables, *a, **kw):
+      return model_apply({**variables, SAVED: trainable["saved"]}, *a, **kw)
     with nn.intercept_methods(_saved_interceptor(modules, k)):
       return stacked_lora.apply_grouped(with_saved)(params, ptree.combine(trainable["lora"], scaling), *args, **kwargs)
   return forward

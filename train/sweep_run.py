@@ -64,8 +64,9 @@ def _optimizer(config: ml_collections.ConfigDict):
                               config.steps)[1]
 
   def make_tx(learning_rate):
+    schedule = lambda count: learning_rate * unit(count)  # noqa: E731
     return optax.chain(optax.clip_by_global_norm(config.optimizer.grad_clip_norm),
-                       optax.adamw(lambda count: learning_rate * unit(count), weight_decay=config.optimizer.weight_decay))
+                       optax.adamw(schedule, weight_decay=config.optimizer.weight_decay))
   return make_tx, unit
 
 
@@ -119,8 +120,10 @@ def table_rows(named: list[tuple[str, sweep.Member]], train_losses: list[float],
 def write_table(workdir: str, rows: list[dict]) -> str:
   """Writes workdir/sweep.md, .csv and .json (each via a temporary name); returns the Markdown table."""
   columns = list(rows[0])
-  cell = lambda v: f"{v:.4f}" if isinstance(v, float) and not float(v).is_integer() else f"{v:g}" if isinstance(  # noqa: E731
-      v, float) else str(v)
+  def cell(v) -> str:
+    if isinstance(v, float):
+      return f"{v:g}" if v.is_integer() or abs(v) < 1e-2 else f"{v:.4f}"
+    return str(v)
   markdown = "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
                         *("| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows)]) + "\n"
   out = io.StringIO()
@@ -200,7 +203,14 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
       for n, v in values.items():
         writer.add_scalar(f"eval/{name}/{n}", v, step)
 
-  log_eval(0, evaluate(state, params, eval_data))
+  # Every member starts as the base model (LoRA's B is 0, the modules to save are the base's): evaluate one.
+  first = jax.tree.map(lambda v: v[:1], {"trainable": state["trainable"], "scaling": state["scaling"]})
+  before = _evaluate(model, task, 1, config.batch_size)(first, params, eval_data)[0]
+  tqdm.tqdm.write("step 0 (every member): " + ", ".join(f"eval {n.replace('_', ' ')} {v:.4f}"
+                                                       for n, v in before.items()))
+  for name, _ in named:
+    for n, v in before.items():
+      writer.add_scalar(f"eval/{name}/{n}", v, 0)
   batches = packing.training_batches(config, task, train_data, 0, 0)
   losses, pending, logged, start = [], [], [float("nan")] * k, time.perf_counter()
   progress = tqdm.tqdm(total=config.steps, desc="sweep", unit="step")
