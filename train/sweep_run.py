@@ -12,12 +12,15 @@ learning rate.  The model runs without dropout in a sweep (and config.lora.dropo
 
 Writes, in config.workdir: run.json, tensorboard/ (tags train/<member>/loss, .../learning_rate and
 eval/<member>/<metric>), members/<member>/ (a Hugging Face PEFT folder per member), base/ for a random model, and
-the table of every member's settings and held-out metrics as sweep.md, sweep.csv and sweep.json.  A sweep keeps
-no checkpoints: a rerun of a finished sweep says so and rewrites nothing; an unfinished one starts again.
+the table of every member's settings and held-out metrics as sweep.md, sweep.csv and sweep.json, and
+checkpoints/<step>/ (Orbax: every member's adapter and optimizer state, and the data position) as `train.loop`
+writes them: rerunning the command resumes an unfinished sweep (Ctrl-C / SIGTERM save the current step first); a
+finished one says so and rewrites nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -34,10 +37,10 @@ import optax
 import tensorboardX
 import tqdm
 
-from peftjax import distributed, interop
+from peftjax import checkpoint, distributed, interop
 from peftjax.methods import modules_to_save
 
-from train import data, data_files, loop, methods, packing, run_record, steps, sweep, tasks, validate
+from train import data, data_files, loop, methods, packing, preemption, run_record, steps, sweep, tasks, validate
 
 TABLE = "sweep"  # workdir/sweep.md, .csv, .json
 
@@ -155,7 +158,8 @@ def _export(workdir, config, model, params, tokenizer, task, lora_cfg, saved, na
 
 def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -> dict:
   """Trains every member of config.sweep in one compiled step, evaluates and exports each; returns a summary
-  ({'members', 'rows', 'losses' (steps, K), 'state', 'workdir', ...})."""
+  ({'start_step', 'members', 'rows', 'losses' (steps run, K), 'state', 'workdir', ...}); rerun, it resumes from
+  the newest checkpoint in config.workdir."""
   validate.check(config)
   named = members(config)
   k = len(named)
@@ -164,8 +168,6 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   if finished is not None:
     print(f"the sweep in {workdir} finished at step {finished} and wrote its files there; nothing was rewritten.")
     return {"final_step": finished, "finished": True, "workdir": workdir, "config": config}
-  if run_record.read(workdir) is not None:
-    print(f"the sweep in {workdir} did not finish; a sweep keeps no checkpoints, so it starts again from step 0.")
   task = tasks.family(config).task
   loaded = data_files.load(config, task.kind, workdir)
   num_labels = loaded.num_labels() if task is tasks.SequenceClassification else 0
@@ -194,6 +196,17 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   evaluate = _evaluate(model, task, k, config.batch_size)
 
   run_record.write(workdir, config, loaded.label_names, num_labels)
+  manager = checkpoint.manager(f"{workdir}/checkpoints", max_to_keep=config.keep_checkpoints)
+  train_state = {"step": np.int32(0), "sweep": state, "opt_state": opt_state}
+  restored = checkpoint.restore(manager, jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+                                                      train_state))
+  position = {"epoch": 0, "index": 0}
+  if restored is not None:
+    train_state, position = restored
+  start_step = int(train_state["step"])
+  if start_step:
+    print(f"resuming the sweep from step {start_step} (epoch {position['epoch']}, batch {position['index']}) in "
+          f"{workdir}")
   writer = tensorboardX.SummaryWriter(f"{workdir}/tensorboard")
 
   def log_eval(step, metrics):
@@ -203,38 +216,48 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
       for n, v in values.items():
         writer.add_scalar(f"eval/{name}/{n}", v, step)
 
-  # Every member starts as the base model (LoRA's B is 0, the modules to save are the base's): evaluate one.
-  first = jax.tree.map(lambda v: v[:1], {"trainable": state["trainable"], "scaling": state["scaling"]})
-  before = _evaluate(model, task, 1, config.batch_size)(first, params, eval_data)[0]
-  tqdm.tqdm.write("step 0 (every member): " + ", ".join(f"eval {n.replace('_', ' ')} {v:.4f}"
-                                                       for n, v in before.items()))
-  for name, _ in named:
-    for n, v in before.items():
-      writer.add_scalar(f"eval/{name}/{n}", v, 0)
-  batches = packing.training_batches(config, task, train_data, 0, 0)
+  if start_step:
+    log_eval(start_step, evaluate(train_state["sweep"], params, eval_data))
+  else:  # every member starts as the base model (LoRA's B is 0, the modules to save are the base's): evaluate one
+    first = jax.tree.map(lambda v: v[:1], {"trainable": state["trainable"], "scaling": state["scaling"]})
+    before = _evaluate(model, task, 1, config.batch_size)(first, params, eval_data)[0]
+    tqdm.tqdm.write("step 0 (every member): " + ", ".join(f"eval {n.replace('_', ' ')} {v:.4f}"
+                                                         for n, v in before.items()))
+    for name, _ in named:
+      for n, v in before.items():
+        writer.add_scalar(f"eval/{name}/{n}", v, 0)
+  state, opt_state = train_state["sweep"], train_state["opt_state"]
+  batches = packing.training_batches(config, task, train_data, position["epoch"], position["index"])
   losses, pending, logged, start = [], [], [float("nan")] * k, time.perf_counter()
-  progress = tqdm.tqdm(total=config.steps, desc="sweep", unit="step")
-  for step in range(1, config.steps + 1):
-    rows, chosen, _ = next(batches)
-    state, opt_state, member_losses = train_step(state, opt_state, params, {k_: rows[k_][chosen] for k_ in rows})
-    member_losses = np.asarray(member_losses)
-    if not np.all(np.isfinite(member_losses)):
-      bad = int(np.flatnonzero(~np.isfinite(member_losses))[0])
-      raise ValueError(f"step {step}: sweep member {named[bad][0]}'s loss is {member_losses[bad]}; the sweep stops "
-                       "without exporting (lower that member's learning rate in config.sweep).")
-    losses.append(member_losses)
-    pending.append(member_losses)
-    progress.update(1)
-    if step % config.log_every == 0 or step == config.steps:
-      mean = np.mean(pending, axis=0)
-      pending, logged = [], [float(v) for v in mean]
-      progress.set_postfix(loss="/".join(f"{v:.4f}" for v in mean))
-      for (name, m), value in zip(named, mean):
-        writer.add_scalar(f"train/{name}/loss", value, step)
-        writer.add_scalar(f"train/{name}/learning_rate", m.learning_rate * float(unit(step - 1)), step)
-      writer.flush()
-    if config.eval_every and step % config.eval_every == 0 and step != config.steps:
-      log_eval(step, evaluate(state, params, eval_data))
+  progress = tqdm.tqdm(total=config.steps, initial=min(start_step, config.steps), desc="sweep", unit="step")
+  with contextlib.closing(manager), preemption.Signals() as signals:
+    for step in range(start_step + 1, config.steps + 1):
+      rows, chosen, position = next(batches)
+      state, opt_state, member_losses = train_step(state, opt_state, params, {key: rows[key][chosen] for key in rows})
+      member_losses = np.asarray(member_losses)
+      if not np.all(np.isfinite(member_losses)):
+        bad = int(np.flatnonzero(~np.isfinite(member_losses))[0])
+        raise ValueError(f"step {step}: sweep member {named[bad][0]}'s loss is {member_losses[bad]}; the sweep "
+                         "stops (its last checkpoint is kept; lower that member's learning rate in config.sweep).")
+      losses.append(member_losses)
+      pending.append(member_losses)
+      progress.update(1)
+      if step % config.log_every == 0 or step == config.steps:
+        mean = np.mean(pending, axis=0)
+        pending, logged = [], [float(v) for v in mean]
+        progress.set_postfix(loss="/".join(f"{v:.4f}" for v in mean))
+        for (name, m), value in zip(named, mean):
+          writer.add_scalar(f"train/{name}/loss", value, step)
+          writer.add_scalar(f"train/{name}/learning_rate", m.learning_rate * float(unit(step - 1)), step)
+        writer.flush()
+      if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+        log_eval(step, evaluate(state, params, eval_data))
+      train_state = {"step": np.int32(step), "sweep": state, "opt_state": opt_state}
+      if step % config.checkpoint_every == 0 or step == config.steps:
+        checkpoint.save(manager, step, train_state, position)
+      if signum := signals.received():
+        progress.close()
+        preemption.save_and_exit(manager, step, train_state, position, signum)
   progress.close()
   train_seconds = time.perf_counter() - start
   after = evaluate(state, params, eval_data)
@@ -245,7 +268,8 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   rows = table_rows(named, logged, after)
   print(write_table(workdir, rows), end="")
   print(f"wrote {workdir}/members/<member> ({k} PEFT folders) and {workdir}/{TABLE}.md, .csv, .json "
-        f"({config.steps} steps in {train_seconds:.1f}s)")
+        f"({config.steps - start_step} steps in {train_seconds:.1f}s)")
   run_record.write(workdir, config, loaded.label_names, num_labels, config.steps)
-  return {"members": named, "rows": rows, "losses": np.asarray(losses), "after": after, "state": state,
-          "model": model, "params": params, "workdir": workdir, "config": config, "final_step": config.steps}
+  return {"start_step": start_step, "final_step": config.steps, "members": named, "rows": rows,
+          "losses": np.asarray(losses), "after": after, "state": state, "model": model, "params": params,
+          "workdir": workdir, "config": config}
