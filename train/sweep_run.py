@@ -1,8 +1,9 @@
 """`main(config)` for a config with a `config.sweep` section: K LoRA members trained together (`train.sweep`).
 
 config.sweep holds lists of values for seed, learning_rate, rank (LoRA r) and alpha (`validate.SWEEP_FIELDS`);
-member i takes the i-th value of every list (the lists zipped), or with config.sweep.grid=True every combination
-(in the order the fields are listed there, the last changing fastest).  A field left out keeps the run's own
+member i takes the i-th value of every list (the lists zipped; a list of one value applies to every member), or
+with config.sweep.grid=True every combination
+(in the order seed, learning_rate, rank, alpha, the last changing fastest).  A field left out keeps the run's own
 value (config.seed, config.optimizer.learning_rate, config.lora.rank, config.lora.alpha).  A member's seed is the
 seed of its adapter's initialisation only: the base model (and a random model's or a new head's init), the data
 order and the held-out split follow config.seed for every member, so a member with seed == config.seed equals a
@@ -46,12 +47,15 @@ TABLE = "sweep"  # workdir/sweep.md, .csv, .json
 
 
 def members(config: ml_collections.ConfigDict) -> list[tuple[str, sweep.Member]]:
-  """(name, Member) of every member of config.sweep (zipped lists, or every combination with grid=True)."""
+  """(name, Member) of every member of config.sweep (zipped lists, one-value lists applying to all, or every
+  combination with grid=True)."""
   own = {"seed": config.seed, "learning_rate": config.optimizer.learning_rate, "rank": config.lora.rank,
          "alpha": config.lora.alpha}
   fields = [f for f in validate.SWEEP_FIELDS if f in config.sweep]
   lists = [tuple(config.sweep[f]) for f in fields]
-  rows = itertools.product(*lists) if config.sweep.get("grid", False) else zip(*lists)
+  size = max(map(len, lists))
+  rows = itertools.product(*lists) if config.sweep.get("grid", False) else zip(
+      *(values * size if len(values) == 1 else values for values in lists))
   out = []
   for i, values in enumerate(rows):
     settings = {**own, **dict(zip(fields, values))}

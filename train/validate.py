@@ -104,8 +104,8 @@ def _check_packing(config: ml_collections.ConfigDict, task) -> None:
                      "config.packing=False.")
 
 
-# config.sweep: each field a list of values (member i takes the i-th of every list, or with grid=True every
-# combination); a field left out keeps the run's own value (its config key).
+# config.sweep: each field a list of values (member i takes the i-th of every list, a list of one value applying
+# to every member, or with grid=True every combination); a field left out keeps the run's own value (its key).
 SWEEP_FIELDS = {"seed": "seed", "learning_rate": "optimizer.learning_rate", "rank": "lora.rank", "alpha": "lora.alpha"}
 SWEEP_REFUSED = (("packing", False, "packs documents"), ("buckets", (), "cuts batches to other lengths"),
                  ("export_merged", False, "writes one merged model"))
@@ -139,9 +139,10 @@ def check_sweep(config: ml_collections.ConfigDict) -> None:
               "alpha": "numbers"}[field]
       raise ValueError(f"config.sweep.{field} holds {bad[0]!r}; its values must be {kind}.")
   lengths = {f: len(sweep[f]) for f in fields}
-  if not sweep.get("grid", False) and len(set(lengths.values())) > 1:
+  if not sweep.get("grid", False) and len(set(lengths.values()) - {1}) > 1:
     raise ValueError(f"config.sweep's lists have unequal lengths {lengths}; member i takes the i-th value of every "
-                     "list, so give lists of one length, or set config.sweep.grid=True for every combination.")
+                     "list (a list of one value: every member's), so give lists of one length, or set "
+                     "config.sweep.grid=True for every combination.")
   if config.method != "lora":
     raise ValueError(f"config.method={config.method!r} cannot be swept: config.sweep trains LoRA members, so set it "
                      "to 'lora'.")
