@@ -5,7 +5,10 @@ the pooler and the new classifier trained in full), with four members trained in
 combination of two learning rates and two LoRA ranks (config.sweep.grid=True; with grid=False member i takes
 the i-th value of every list).  The sweep trains without dropout (config.lora.dropout=0).  It prints each member's
 held-out accuracy before and after and one table at the end, written as WORKDIR/sweep.md, .csv and .json, and
-exports each member as a Hugging Face PEFT folder, WORKDIR/members/<member>/.
+exports each member as a Hugging Face PEFT folder, WORKDIR/members/<member>/.  Measured 2026-12-02 (XLA
+single-threaded on the shared 2-core Xeon, load average about 9; 3 min 42 s of CPU, 14.5 min wall): held-out
+accuracy 51.4% before, and after 60 steps 74.8% (lr 1e-3, r 4), 75.2% (1e-3, r 8), 76.3% (4e-3, r 4), 74.6%
+(4e-3, r 8).
 
 Lists for seed (of the adapter's init), learning_rate, rank and alpha, e.g. four learning rates at rank 8:
 `--config.sweep.learning_rate="(5e-4,1e-3,2e-3,4e-3)" --config.sweep.rank="(8,)"`; see train/sweep_run.py.

@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import peftjax as pj
@@ -103,9 +104,15 @@ def _saved_interceptor(modules: dict[str, tuple[str, ...]], k: int):
       return next_fun(*args, **kwargs)
     copies = {name: context.module.get_variable(SAVED, name) for name in modules[path]}
     own = context.module.clone(parent=None)
-    groups = [jnp.reshape(a, (k, -1, *a.shape[1:])) for a in args]
-    out = jax.vmap(lambda p, *xs: own.apply({"params": p}, *xs, **kwargs))(copies, *groups)
-    return out.reshape(-1, *out.shape[2:])
+    rows = [i for i, a in enumerate(args) if np.ndim(a)]  # the arrays split into groups; flags pass as they are
+
+    def call(p, *grouped):
+      given = list(args)
+      for i, x in zip(rows, grouped):
+        given[i] = x
+      return own.apply({"params": p}, *given, **kwargs)
+    out = jax.vmap(call)(copies, *(jnp.reshape(args[i], (k, -1, *np.shape(args[i])[1:])) for i in rows))
+    return jax.tree.map(lambda o: o.reshape(-1, *o.shape[2:]), out)
   return intercept
 
 
@@ -118,6 +125,7 @@ def make_forward(model_apply: Callable[..., Any]) -> Callable[..., Any]:
     for path in ptree.flatten(trainable["saved"]):
       module, name = path.rsplit("/", 1)
       modules[module] = modules.get(module, ()) + (name,)
+
     def with_saved(variables, *a, **kw):
       return model_apply({**variables, SAVED: trainable["saved"]}, *a, **kw)
     with nn.intercept_methods(_saved_interceptor(modules, k)):

@@ -9,7 +9,8 @@ seed of its adapter's initialisation only: the base model (and a random model's 
 order and the held-out split follow config.seed for every member, so a member with seed == config.seed equals a
 separate `python -m train` run with its learning rate, rank and alpha.  Every member gets its own copy of
 config.modules_to_save and its own optimizer state, with the run's schedule (warm-up, decay) scaled to its peak
-learning rate.  The model runs without dropout in a sweep (and config.lora.dropout must be 0).
+learning rate.  The model runs without dropout in a sweep (and config.lora.dropout must be 0).  The held-out
+metrics are the task's (loss, accuracy, perplexity); T5's exact match (which generates) is not computed.
 
 Writes, in config.workdir: run.json, tensorboard/ (tags train/<member>/loss, .../learning_rate and
 eval/<member>/<metric>), members/<member>/ (a Hugging Face PEFT folder per member), base/ for a random model, and
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -49,8 +51,8 @@ TABLE = "sweep"  # workdir/sweep.md, .csv, .json
 def members(config: ml_collections.ConfigDict) -> list[tuple[str, sweep.Member]]:
   """(name, Member) of every member of config.sweep (zipped lists, one-value lists applying to all, or every
   combination with grid=True)."""
-  own = {"seed": config.seed, "learning_rate": config.optimizer.learning_rate, "rank": config.lora.rank,
-         "alpha": config.lora.alpha}
+  own = {field: functools.reduce(lambda node, part: node[part], key.split("."), config)
+         for field, key in validate.SWEEP_FIELDS.items()}
   fields = [f for f in validate.SWEEP_FIELDS if f in config.sweep]
   lists = [tuple(config.sweep[f]) for f in fields]
   size = max(map(len, lists))
@@ -120,17 +122,14 @@ def table_rows(named: list[tuple[str, sweep.Member]], train_losses: list[float],
   """One row per member: its name, settings, training loss (the mean of the last log_every steps) and held-out
   metrics."""
   return [{"member": name, "seed": m.seed, "learning_rate": m.learning_rate, "rank": m.rank, "alpha": m.alpha,
-           "train_loss": loss, **{f"eval_{key}": value for key, value in metrics.items()}}
+           "train_loss": loss, **{f"eval_{key}": float(value) for key, value in metrics.items()}}
           for (name, m), loss, metrics in zip(named, train_losses, after)]
 
 
 def write_table(workdir: str, rows: list[dict]) -> str:
   """Writes workdir/sweep.md, .csv and .json (each via a temporary name); returns the Markdown table."""
   columns = list(rows[0])
-  def cell(v) -> str:
-    if isinstance(v, float):
-      return f"{v:g}" if v.is_integer() or abs(v) < 1e-2 else f"{v:.4f}"
-    return str(v)
+  cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
   markdown = "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
                         *("| " + " | ".join(cell(r[c]) for c in columns) + " |" for r in rows)]) + "\n"
   out = io.StringIO()

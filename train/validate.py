@@ -150,16 +150,18 @@ def check_sweep(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.lora.dropout={config.lora.dropout} cannot be used with config.sweep, which trains "
                      "without LoRA dropout; set it to 0.")
   for key, off, what in SWEEP_REFUSED:
-    if config.get(key, off) != off:
+    if config.get(key):
       raise ValueError(f"config.{key}={config[key]!r} cannot be used with config.sweep (it {what}); set it to {off!r}.")
   if quantize.quant_config(config) is not None:
     raise ValueError("config.quant quantises the base, which config.sweep does not support; set config.quant.kind="
                      "'none'.")
   scale = loop.scale_settings(config)
-  if scale.micro_batches != 1 or scale.num_processes > 1 or scale.coordinator_address:
-    raise ValueError(f"config.sweep runs in one process without micro-batches, but config.scale has micro_batches="
-                     f"{scale.micro_batches}, num_processes={scale.num_processes}, coordinator_address="
-                     f"{scale.coordinator_address!r}; set them to 1, 0 and ''.")
+  if (scale.micro_batches != 1 or scale.num_processes > 1 or scale.coordinator_address
+      or scale.frozen_dtype != "float32"):
+    raise ValueError(f"config.sweep runs on one device without micro-batches, with float32 frozen weights, but "
+                     f"config.scale has micro_batches={scale.micro_batches}, num_processes={scale.num_processes}, "
+                     f"coordinator_address={scale.coordinator_address!r}, frozen_dtype={scale.frozen_dtype!r}; set "
+                     "them to 1, 0, '' and 'float32'.")
 
 
 def location(key: str, spec: str) -> str:
