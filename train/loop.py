@@ -275,8 +275,12 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   """Trains, evaluates before/after, checkpoints, exports; returns a summary with the final train state.
 
   A workdir holding a run of other settings is refused unless `allow_config_change`; a finished run rerun with
-  no more steps returns {'finished': True, ...} and rewrites nothing (`train.run_record`).
+  no more steps returns {'finished': True, ...} and rewrites nothing (`train.run_record`).  A config with a
+  config.sweep section trains its members together instead (`train.sweep_run`).
   """
+  if "sweep" in config:
+    from train import sweep_run  # it builds on this module
+    return sweep_run.main(config, allow_config_change)
   validate.check(config)
   scale = scale_settings(config)
   distributed.initialize(scale.coordinator_address, scale.num_processes, scale.process_id)  # before any JAX call

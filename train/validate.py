@@ -83,6 +83,8 @@ def check_sections(config: ml_collections.ConfigDict) -> None:
   divergence.check_config(config)
   buckets.lengths_of(config, task)
   _check_packing(config, task)
+  if "sweep" in config:
+    check_sweep(config)
 
 
 def _check_packing(config: ml_collections.ConfigDict, task) -> None:
@@ -104,6 +106,66 @@ def _check_packing(config: ml_collections.ConfigDict, task) -> None:
                      "are input positions in front of the row, which only the first packed document would follow; "
                      "use prefix_tuning / p_tuning_v2 (keys and values every document attends) or "
                      "config.packing=False.")
+
+
+# config.sweep: each field a list of values (member i takes the i-th of every list, a list of one value applying
+# to every member, or with grid=True every combination); a field left out keeps the run's own value (its key).
+SWEEP_FIELDS = {"seed": "seed", "learning_rate": "optimizer.learning_rate", "rank": "lora.rank", "alpha": "lora.alpha"}
+SWEEP_REFUSED = (("packing", False, "packs documents"), ("buckets", (), "cuts batches to other lengths"),
+                 ("export_merged", False, "writes one merged model"))
+
+
+def _sweep_value_ok(field: str, value) -> bool:
+  if field in ("seed", "rank"):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= (0 if field == "seed" else 1)
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and value > (0 if field == "learning_rate"
+                                                                                      else float("-inf"))
+
+
+def check_sweep(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError (one sentence naming config.sweep.<key>) for a sweep (`train.sweep_run`) it cannot run."""
+  sweep = config.sweep
+  unknown = sorted(set(sweep) - {*SWEEP_FIELDS, "grid"})
+  if unknown:
+    raise ValueError(f"config.sweep has the unknown key {unknown[0]!r}; valid: {[*SWEEP_FIELDS, 'grid']}.")
+  if not isinstance(sweep.get("grid", False), bool):
+    raise ValueError(f"config.sweep.grid={sweep.grid!r} must be True (every combination) or False (the lists zipped).")
+  fields = [f for f in SWEEP_FIELDS if f in sweep]
+  if not fields:
+    raise ValueError(f"config.sweep lists no values; give one or more of {list(SWEEP_FIELDS)} as lists.")
+  for field in fields:
+    values = sweep[field]
+    if not isinstance(values, (tuple, list)) or not values:
+      raise ValueError(f"config.sweep.{field}={values!r} must be a non-empty list of values, e.g. (1e-3, 3e-3).")
+    bad = [v for v in values if not _sweep_value_ok(field, v)]
+    if bad:
+      kind = {"seed": "integers >= 0", "rank": "integers >= 1", "learning_rate": "positive numbers",
+              "alpha": "numbers"}[field]
+      raise ValueError(f"config.sweep.{field} holds {bad[0]!r}; its values must be {kind}.")
+  lengths = {f: len(sweep[f]) for f in fields}
+  if not sweep.get("grid", False) and len(set(lengths.values()) - {1}) > 1:
+    raise ValueError(f"config.sweep's lists have unequal lengths {lengths}; member i takes the i-th value of every "
+                     "list (a list of one value: every member's), so give lists of one length, or set "
+                     "config.sweep.grid=True for every combination.")
+  if config.method != "lora":
+    raise ValueError(f"config.method={config.method!r} cannot be swept: config.sweep trains LoRA members, so set it "
+                     "to 'lora'.")
+  if config.lora.dropout:
+    raise ValueError(f"config.lora.dropout={config.lora.dropout} cannot be used with config.sweep, which trains "
+                     "without LoRA dropout; set it to 0.")
+  for key, off, what in SWEEP_REFUSED:
+    if config.get(key):
+      raise ValueError(f"config.{key}={config[key]!r} cannot be used with config.sweep (it {what}); set it to {off!r}.")
+  if quantize.quant_config(config) is not None:
+    raise ValueError("config.quant quantises the base, which config.sweep does not support; set config.quant.kind="
+                     "'none'.")
+  scale = loop.scale_settings(config)
+  if (scale.micro_batches != 1 or scale.num_processes > 1 or scale.coordinator_address
+      or scale.frozen_dtype != "float32"):
+    raise ValueError(f"config.sweep runs on one device without micro-batches, with float32 frozen weights, but "
+                     f"config.scale has micro_batches={scale.micro_batches}, num_processes={scale.num_processes}, "
+                     f"coordinator_address={scale.coordinator_address!r}, frozen_dtype={scale.frozen_dtype!r}; set "
+                     "them to 1, 0, '' and 'float32'.")
 
 
 def location(key: str, spec: str) -> str:
