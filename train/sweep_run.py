@@ -180,7 +180,7 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   train_data = task.tokenize(tokenizer, loaded.train, config)
   eval_data = task.tokenize(tokenizer, loaded.held_out, config)
   print(f"task {config.task}: {len(loaded.train)} training and {len(loaded.held_out)} held-out examples; "
-        f"{k} sweep members")
+        f"{k} sweep members, trained together in one compiled step on one device with the model's dropout off")
 
   method_cfg = methods.method_config(config, getattr(model.config, "model_type", config.family),
                                      getattr(tokenizer, "name_or_path", ""))
