@@ -39,6 +39,7 @@ import numpy as np
 from flax.core import meta
 
 from peftjax import api, tree as ptree
+from peftjax.models import layers
 
 KINDS = ("nf4", "int4", "int8")
 ABSMAX_BLOCK = 256  # bitsandbytes' block of the double quantisation
@@ -287,12 +288,13 @@ def bits_per_parameter(weight: QuantizedWeight) -> float:
 
 @functools.partial(jax.checkpoint, static_argnums=(2, 3), policy=jax.checkpoint_policies.nothing_saveable)
 def _quantized_matmul(x: jax.Array, weight: QuantizedWeight, dtype, precision) -> jax.Array:
-  """x @ dequantize(weight), recomputing the dequantised weight in the backward pass instead of saving it (the
-  4-bit kinds contract with the (out, in) weight as dequantised, with no transposed copy)."""
+  """x @ dequantize(weight) in `dtype`, recomputing the dequantised weight in the backward pass instead of saving it
+  (the 4-bit kinds contract with the (out, in) weight as dequantised, with no transposed copy).  Below float32 the
+  operands are `dtype` and the sums float32, as the models' own nn.Dense (`layers.dot_general`)."""
+  dot = layers.dot_general(dtype)
   if weight.kind == "int8":
-    return jax.lax.dot_general(x, dequantize(weight, dtype), (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-  return jax.lax.dot_general(x, _dequantize_out_in(weight, dtype), (((x.ndim - 1,), (1,)), ((), ())),
-                             precision=precision)
+    return dot(x, dequantize(weight, dtype), (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+  return dot(x, _dequantize_out_in(weight, dtype), (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
 
 
 def _quantized_layer(context) -> nn.Module | None:

@@ -175,6 +175,31 @@ def test_qlora_step_memory_and_dora():
   np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
+def test_qlora_bf16_forward_close_to_fp32_with_bf16_dots_accumulating_in_fp32():
+  """A Llama computing in bf16 over the NF4 base: logits within bf16 rounding of the fp32 model's, and each
+  quantised layer's dot (x against its (out, in) dequantised weight) takes bf16 operands and gives an f32 result."""
+  import re
+  model32, params = _llama(False)
+  model16 = llama.LlamaForCausalLM(config=TINY_LLAMA, dtype=jnp.bfloat16)  # fp32 parameters, bf16 compute
+  ids = jax.random.randint(jax.random.key(1), (2, 12), 0, TINY_LLAMA.vocab_size)
+  qparams = quant.quantize(quant.QuantConfig(), params)
+  cfg = pj.LoraConfig(rank=4, targets="all-linear")
+  adapters = pj.init(cfg, jax.random.key(2), params)
+  adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), adapters)
+  forward16 = jax.jit(quant.apply(cfg, model16.apply))
+  out16 = forward16(qparams, adapters, ids)
+  out32 = jax.jit(quant.apply(cfg, model32.apply))(qparams, adapters, ids)
+  assert out16.dtype == jnp.bfloat16
+  scale = float(jnp.max(jnp.abs(out32)))
+  np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=0.02 * scale)  # bf16: 8 mantissa bits
+  assert _corr(np.asarray(out16, np.float32), out32) >= 0.999
+  hlo = forward16.lower(qparams, adapters, ids).as_text()
+  quantized_dots = re.findall(r"contracting_dims = \[2\] x \[1\].*: \(tensor<2x12x\d+x(\w+)>, tensor<\d+x\d+x(\w+)>\)"
+                              r" -> tensor<2x12x\d+x(\w+)>", hlo)
+  assert len(quantized_dots) == 7 * TINY_LLAMA.num_hidden_layers
+  assert set(quantized_dots) == {("bf16", "bf16", "f32")}
+
+
 def test_quantized_t5_logits_close():
   # one encoder and one decoder block: a random T5 is sensitive (2 blocks: NF4 correlation 0.98)
   config = t5.T5Config(vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
