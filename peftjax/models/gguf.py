@@ -186,6 +186,34 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   return config, raw
 
 
+KEPT_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the types `read_blocks` keeps (peftjax.quant.GGUF_KINDS)
+
+
+def read_blocks(path: str) -> dict[str, tuple[str, np.ndarray]]:
+  """{Hugging Face name: (type name, raw blocks (out, in / 32, bytes per block) uint8)} of the file's linear-layer
+  weights (blk.N.attn_* / ffn_*, 2-D) stored as Q4_0, Q4_1 or Q8_0, the bytes as in the file (memory-mapped).
+
+  The blocks run along each row, the input dimension, so llama.cpp's Q/K row permutation moves whole rows of
+  blocks and is undone as in `read`: the blocks dequantise to exactly `read`'s weights.
+  """
+  from gguf import GGML_QUANT_SIZES
+  reader = _reader(path)
+  config = read_config(path)
+  blocks = {}
+  for tensor in reader.tensors:
+    if (tensor.tensor_type.name not in KEPT_BLOCK_TYPES or not tensor.name.startswith("blk.")
+        or len(tensor.shape) != 2):
+      continue
+    name = hf_name(tensor.name)
+    rows = tensor.data.reshape(int(tensor.shape[1]), -1, GGML_QUANT_SIZES[tensor.tensor_type][1])
+    if config["model_type"] in _PERMUTED_QK and ".self_attn.q_proj." in name:
+      rows = unpermute(rows, config["num_attention_heads"])
+    elif config["model_type"] in _PERMUTED_QK and ".self_attn.k_proj." in name:
+      rows = unpermute(rows, config["num_key_value_heads"])
+    blocks[name] = (tensor.tensor_type.name, rows)
+  return blocks
+
+
 def _metadata(reader) -> dict:
   """{key: value} of the file's general.* and tokenizer.* metadata (gguf-py's reader; no torch)."""
   return {key: field.contents() for key, field in reader.fields.items()
