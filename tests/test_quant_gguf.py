@@ -88,3 +88,21 @@ def test_smollm2_q4_1_blocks_kept_bit_exact_logits_and_qlora_steps(smollm2):
     adapters, opt_state, loss = step(adapters, opt_state)
     losses.append(float(loss))
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+def test_config_quant_gguf_keeps_the_files_blocks(smollm2):
+  """config.quant.kind='gguf' (python -m train / train.predict) gives the same kept blocks; on a model that is not
+  a .gguf file it is one sentence naming config.quant.kind and config.model."""
+  import test_train
+  from train import quantize
+  _, params, kept, _ = smollm2
+  config = test_train.load_config("qlora_llama", **{"quant.kind": "gguf"})
+  assert config.model.endswith(".gguf")
+  ours = quantize.quantized_base(config, params)
+  assert jax.tree.structure(ours, is_leaf=quant.is_quantized) == jax.tree.structure(kept, is_leaf=quant.is_quantized)
+  for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(kept)):
+    np.testing.assert_array_equal(a, b)
+  config = test_train.load_config("qlora_llama", model="random", **{"quant.kind": "gguf"})
+  with pytest.raises(ValueError, match=r"^config\.quant\.kind='gguf' keeps .* but config\.model='random' is not a "
+                                       r"\.gguf file"):
+    quantize.quant_config(config)
