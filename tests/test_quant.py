@@ -317,14 +317,18 @@ def test_qlora_training_lowers_the_loss_on_minilm():
 
 @pytest.mark.slow
 def test_train_runs_qlora_and_reports_the_merge_error(tmp_path, capsys):
-  """python -m train with configs/qlora_llama.py on a tiny random Llama (remat, 2 micro-batches): NF4 base, LoRA on
-  all linear layers, the merged export in full precision with the re-quantisation error printed; config.quant
-  mistakes are one sentence."""
+  """python -m train with configs/qlora_llama.py on a tiny random Llama checkpoint (remat, 2 micro-batches): NF4
+  base, LoRA on all linear layers, the merged export in full precision with the re-quantisation error printed (the
+  numbers of quant.merge's report); config.quant mistakes are one sentence; train.predict's loading of the workdir
+  runs the trained adapter over the same quantised base (the training forward's logits)."""
   import train
   import test_train
 
-  shape = {"model_shape.vocab_size": 49152, "model_shape.hidden_size": 64, "model_shape.intermediate_size": 128,
-           "model_shape.num_hidden_layers": 2, "model": "random", "steps": 4, "batch_size": 4, "max_length": 16,
+  base = llama.LlamaForCausalLM(config=llama.LlamaConfig(  # a checkpoint folder, so predict quantises it again
+      vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, bos_token_id=1, eos_token_id=2))
+  llama.save_pretrained(base, llama.init_params(base, jax.random.key(0)), str(tmp_path / "base"))
+  shape = {"model": str(tmp_path / "base"), "steps": 4, "batch_size": 4, "max_length": 16,
            "eval_examples": 4, "train_examples": 16, "log_every": 2, "checkpoint_every": 4, "export_merged": True,
            "scale.remat": True, "scale.micro_batches": 2}
   with pytest.raises(ValueError, match=r"^config\.quant\.kind='nf5' is not supported; valid: \['none', 'nf4'"):
@@ -341,3 +345,21 @@ def test_train_runs_qlora_and_reports_the_merge_error(tmp_path, capsys):
   assert result["final_step"] == 4 and np.isfinite(result["after"]["loss"])
   assert os.path.exists(tmp_path / "run" / "merged" / "config.json")
   assert os.path.exists(tmp_path / "run" / "adapter" / "adapter_config.json")
+
+  # python -m train.predict's loading of the workdir: the trained adapter over the same quantised base, so the
+  # training forward's logits; and the printed re-quantisation error is quant.merge's report of that adapter.
+  from train import inference, quantize, steps
+  loaded = inference.load(str(tmp_path / "run"))
+  assert loaded.quantized and quant.is_quantized(pj.tree.flatten(loaded.params)["model/layers_0/mlp/down_proj/kernel"])
+  trained_base = pj.tree.flatten(jax.device_get(result["frozen"]))
+  assert pj.tree.flatten(loaded.params).keys() == trained_base.keys()
+  for path, leaf in pj.tree.flatten(loaded.params).items():  # the same codes and scales as training's base
+    for a, b in zip(jax.tree.leaves(leaf), jax.tree.leaves(trained_base[path])):
+      np.testing.assert_array_equal(a, b, err_msg=path)
+  batch = {k: v for k, v in jax.device_get(result["last_batch"]).items() if k in ("input_ids", "attention_mask")}
+  train_forward = steps.make_forward(result["model"], loaded.task, result["method"], quant.wrap(result["model"].apply))
+  expected = jax.jit(train_forward)(jax.device_get(result["state"]["trainable"]), jax.device_get(result["frozen"]),
+                                    batch)
+  np.testing.assert_allclose(loaded.forward(loaded.adapters, loaded.params, batch), expected, atol=1e-5, rtol=0)
+  _, report = quant.merge(loaded.method_cfg, quantize.quant_config(result["config"]), loaded.params, loaded.adapters)
+  assert quant.report_line(report) in printed

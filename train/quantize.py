@@ -64,6 +64,18 @@ def check_targets(config: ml_collections.ConfigDict, params) -> None:
                                     1)) from None
 
 
+def quantized_base(config: ml_collections.ConfigDict, frozen: dict) -> dict:
+  """`frozen` with config.quant's kernels quantised (or kept in the GGUF file's blocks), as training runs it;
+  unchanged when quantisation is off."""
+  cfg = quant_config(config)
+  if cfg is None:
+    return frozen
+  if cfg.kind == "gguf":
+    from train import loop  # loop imports this module
+    return quant.keep_gguf_blocks(cfg, frozen, gguf.read_blocks(loop.resolve(config.model)))
+  return quant.quantize(cfg, frozen)
+
+
 def quantize_frozen(config: ml_collections.ConfigDict, frozen: dict, frozen_shardings: dict) -> tuple[dict, dict]:
   """(frozen, frozen_shardings) with config.quant's kernels quantised (replicated over the mesh); unchanged when
   quantisation is off.  Prints the stored size."""
@@ -71,11 +83,7 @@ def quantize_frozen(config: ml_collections.ConfigDict, frozen: dict, frozen_shar
   if cfg is None:
     return frozen, frozen_shardings
   before = quant.stored_bytes(frozen)
-  if cfg.kind == "gguf":
-    from train import loop  # loop imports this module
-    frozen = quant.keep_gguf_blocks(cfg, frozen, gguf.read_blocks(loop.resolve(config.model)))
-  else:
-    frozen = quant.quantize(cfg, frozen)
+  frozen = quantized_base(config, frozen)
   flat = ptree.flatten(frozen_shardings)
   for path, leaf in ptree.flatten(frozen).items():
     if quant.is_quantized(leaf):
