@@ -360,6 +360,10 @@ def test_train_runs_qlora_and_reports_the_merge_error(tmp_path, capsys):
   train_forward = steps.make_forward(result["model"], loaded.task, result["method"], quant.wrap(result["model"].apply))
   expected = jax.jit(train_forward)(jax.device_get(result["state"]["trainable"]), jax.device_get(result["frozen"]),
                                     batch)
-  np.testing.assert_allclose(loaded.forward(loaded.adapters, loaded.params, batch), expected, atol=1e-5, rtol=0)
+  logits = loaded.forward(loaded.adapters, loaded.params, batch)
+  np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+  row = batch["input_ids"][:1, : int(batch["attention_mask"][0].sum())]  # its real tokens (right padding)
+  greedy = llama.generate(loaded.model, loaded.params_for_apply, row, max_new_tokens=1, apply_fn=loaded.apply_fn)
+  assert int(greedy[0, 0]) == int(np.argmax(logits[0, row.shape[1] - 1]))  # generate runs the same quantised model
   _, report = quant.merge(loaded.method_cfg, quantize.quant_config(result["config"]), loaded.params, loaded.adapters)
   assert quant.report_line(report) in printed
