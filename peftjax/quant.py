@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
+from jax.sharding import NamedSharding, PartitionSpec
 
 from peftjax import api, tree as ptree
 from peftjax.models import layers
@@ -293,7 +294,8 @@ def gguf_weight(type_name: str, blocks: np.ndarray, dtype=jnp.float32) -> Quanti
   if type_name == "Q8_0":
     codes = codes.view(np.int8)
   *stack, d_out, count = d.shape
-  return QuantizedWeight(codes=jnp.asarray(codes), absmax=jnp.asarray(d), mins=None if mins is None else jnp.asarray(mins),
+  return QuantizedWeight(codes=jnp.asarray(codes), absmax=jnp.asarray(d),
+                         mins=None if mins is None else jnp.asarray(mins),
                          kind=kinds[type_name], shape=(*stack, count * GGUF_BLOCK, d_out),
                          dtype_name=jnp.dtype(dtype).name, block_size=GGUF_BLOCK)
 
@@ -314,6 +316,32 @@ def keep_gguf_blocks(cfg: QuantConfig, params: ptree.Tree, blocks: dict) -> dict
                          f"{tuple(kernel.shape)}.")
       flat[f"{path}/kernel"] = weight
   return ptree.unflatten(flat)
+
+
+def weight_sharding(weight: QuantizedWeight, kernel_sharding: NamedSharding) -> QuantizedWeight:
+  """The NamedShardings of `weight`'s leaves derived from its kernel's: codes and scales split along the output
+  dimension over the mesh axes the kernel's output dimension uses, where they divide (int8 codes keep the kernel's
+  own spec; the 4-bit kinds' flat row-major (out, in) arrays split into whole rows); the rest replicated."""
+  mesh = kernel_sharding.mesh
+  spec = tuple(kernel_sharding.spec) + (None,) * (len(weight.shape) - len(kernel_sharding.spec))
+  stack, (in_axes, out_axes) = spec[:-2], spec[-2:]
+  size = math.prod(mesh.shape[a] for a in ((out_axes,) if isinstance(out_axes, str) else out_axes or ()))
+  d_out = weight.shape[-1]
+  whole_rows = weight.kind in GGUF_KINDS or weight.kind == "int8" or weight.shape[-2] % weight.block_size == 0
+
+  def split(leaf):  # the leaf's first axis after the stack runs over output rows
+    if leaf is None:
+      return None
+    ok = out_axes is not None and whole_rows and d_out % size == 0 and leaf.shape[len(stack)] % size == 0
+    return NamedSharding(mesh, PartitionSpec(*stack, out_axes if ok else None))
+
+  def replicated(leaf):
+    return None if leaf is None else NamedSharding(mesh, PartitionSpec())
+  if weight.kind == "int8":
+    return weight.replace(codes=NamedSharding(mesh, PartitionSpec(*stack, in_axes, out_axes)),
+                          absmax=split(weight.absmax))
+  return weight.replace(codes=split(weight.codes), absmax=split(weight.absmax), mins=split(weight.mins),
+                        absmax_scale=replicated(weight.absmax_scale), absmax_offset=replicated(weight.absmax_offset))
 
 
 def is_quantized(leaf: Any) -> bool:

@@ -106,3 +106,19 @@ def test_config_quant_gguf_keeps_the_files_blocks(smollm2):
   with pytest.raises(ValueError, match=r"^config\.quant\.kind='gguf' keeps .* but config\.model='random' is not a "
                                        r"\.gguf file"):
     quantize.quant_config(config)
+
+
+@pytest.mark.slow
+def test_sharded_quantised_base_steps_equal_one_device():
+  """On 8 simulated CPU devices (tests/quant_sharding_worker.py in a subprocess): NF4 and GGUF Q4_1 codes and
+  scales split along the output dimension (4 ways over 'tensor' for up_proj), and QLoRA steps give the 1-device
+  losses within 1e-5."""
+  import test_sharding
+  out = test_sharding.run_worker([], timeout=900, script="quant_sharding_worker.py")
+  assert out["devices"] == 8
+  for kind in ("nf4", "gguf_q4_1"):
+    one, sharded = out["losses"][f"{kind}:1,1,1"], out["losses"][f"{kind}:1,2,4"]
+    np.testing.assert_allclose(sharded, one, atol=1e-5, rtol=0)
+    assert one[-1] < one[0]
+    full, local = out["codes_local_shape"][f"{kind}:1,1,1"], out["codes_local_shape"][f"{kind}:1,2,4"]
+    assert local[0] * 4 == full[0] and local[1:] == full[1:]

@@ -1,11 +1,12 @@
 """config.quant: a quantised frozen base (QLoRA) for `python -m train`, e.g. `--config.quant.kind=nf4`.
 
 Keys (QUANT_DEFAULTS): kind ("none", "nf4", "int4", "int8", or "gguf": a GGUF model's own Q4_0 / Q4_1 / Q8_0
-blocks of the targeted layers stay as the frozen base, the other layers dequantised), block_size, double_quant, targets ("all-linear"
-or comma-separated module names / a regex), exclude (comma-separated).  The base is quantised once after it is
-placed on the mesh, and again identically on resume (quantisation is deterministic; checkpoints hold only the
-trained leaves).  The quantised kernels are replicated over the mesh.  A merged export folds the adapters into
-the dequantised weights, writes them in full precision and prints the error re-quantising them would add.
+blocks of the targeted layers stay as the frozen base, the other layers dequantised), block_size, double_quant,
+targets ("all-linear" or comma-separated module names / a regex), exclude (comma-separated).  The base is
+quantised once after it is placed on the mesh, and again identically on resume (quantisation is deterministic;
+checkpoints hold only the trained leaves).  The quantised kernels' codes and scales are sharded along their
+output dimension like the kernel.  A merged export folds the adapters into the dequantised weights, writes them
+in full precision and prints the error re-quantising them would add.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import math
 
 import jax
 import ml_collections
-from jax.sharding import NamedSharding, PartitionSpec
 
 from peftjax import quant, tree as ptree
 from peftjax.models import gguf
@@ -77,7 +77,8 @@ def quantized_base(config: ml_collections.ConfigDict, frozen: dict) -> dict:
 
 
 def quantize_frozen(config: ml_collections.ConfigDict, frozen: dict, frozen_shardings: dict) -> tuple[dict, dict]:
-  """(frozen, frozen_shardings) with config.quant's kernels quantised (replicated over the mesh); unchanged when
+  """(frozen, frozen_shardings) with config.quant's kernels quantised (codes and scales sharded along the output
+  dimension as the kernel, `quant.weight_sharding`); unchanged when
   quantisation is off.  Prints the stored size."""
   cfg = quant_config(config)
   if cfg is None:
@@ -87,10 +88,11 @@ def quantize_frozen(config: ml_collections.ConfigDict, frozen: dict, frozen_shar
   flat = ptree.flatten(frozen_shardings)
   for path, leaf in ptree.flatten(frozen).items():
     if quant.is_quantized(leaf):
-      flat[path] = NamedSharding(flat[path].mesh, PartitionSpec())
+      flat[path] = quant.weight_sharding(leaf, flat[path])
   frozen_shardings = ptree.unflatten(flat)
   frozen = jax.device_put(frozen, frozen_shardings)
-  kinds = sorted({leaf.kind for leaf in jax.tree.leaves(frozen, is_leaf=quant.is_quantized) if quant.is_quantized(leaf)})
+  leaves = jax.tree.leaves(frozen, is_leaf=quant.is_quantized)
+  kinds = sorted({leaf.kind for leaf in leaves if quant.is_quantized(leaf)})
   name = (f"the GGUF file's own blocks ({', '.join(quant.GGUF_KINDS[k] for k in kinds)})" if cfg.kind == "gguf"
           else f"{cfg.kind}{' + double quantisation' if cfg.double_quant else ''}")
   print(f"quantised the base to {name}: "

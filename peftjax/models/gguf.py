@@ -6,7 +6,8 @@ the transformers tokenizer stored in the file.  Architectures: "llama" (llama.cp
 and SmolLM as llama; their sliding window, if any, is not recorded and so not applied) and "qwen2".
 
 Quantised tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantised with gguf-py to float32, so the
-weights equal the quantised model's, not the original bf16 ones.  llama.cpp permutes the rows of Q
+weights equal the quantised model's, not the original bf16 ones; `read_blocks` gives the Q4_0 / Q4_1 / Q8_0
+linear layers' raw blocks instead, for a quantised frozen base (`peftjax.quant.keep_gguf_blocks`).  llama.cpp permutes the rows of Q
 and K in "llama" files for its interleaved RoPE; `read` undoes that for the rotate-half layout.
 Llama 3.1+ files keep the "llama3" RoPE scaling as per-frequency factors (`rope_freqs.weight`);
 `read` recovers Hugging Face's rope_scaling dict from them and checks that it reproduces every factor.
