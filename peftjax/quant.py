@@ -37,10 +37,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
+from jax.sharding import NamedSharding, PartitionSpec
 
 from peftjax import api, tree as ptree
+from peftjax.models import layers
 
-KINDS = ("nf4", "int4", "int8")
+KINDS = ("nf4", "int4", "int8", "gguf")
+# GGUF block types kept as they are in the file (kind "gguf"): QuantizedWeight.kind -> gguf-py's type name.
+GGUF_KINDS = {"gguf_q4_0": "Q4_0", "gguf_q4_1": "Q4_1", "gguf_q8_0": "Q8_0"}
+GGUF_BLOCK = 32  # values per block of all three
 ABSMAX_BLOCK = 256  # bitsandbytes' block of the double quantisation
 
 # The 16 NormalFloat levels as bitsandbytes ships them (QLoRA appendix E; create_normal_map(0.9677083)).
@@ -76,7 +81,8 @@ DYNAMIC_MAP = dynamic_map()
 
 @dataclasses.dataclass(frozen=True)
 class QuantConfig:
-  """Which kernels to quantise and how: `kind` ("nf4", "int4", "int8"), `block_size` (values per absmax of
+  """Which kernels to quantise and how: `kind` ("nf4", "int4", "int8", or "gguf": a GGUF file's own Q4_0 / Q4_1 /
+  Q8_0 blocks, `keep_gguf_blocks`), `block_size` (values per absmax of
   the 4-bit kinds, 64 as QLoRA), `double_quant` (8-bit absmax values in blocks of 256, QLoRA's double
   quantisation), `targets` / `exclude` (as LoraConfig's: "all-linear", the default, is every linear layer
   but the output head; embeddings and norms are never quantised)."""
@@ -100,7 +106,10 @@ class QuantConfig:
 class QuantizedWeight(flax.struct.PyTreeNode, meta.AxisMetadata):
   """A quantised kernel in the place of the array: `codes` (uint8, two 4-bit codes a byte; int8 for "int8"),
   `absmax` (float32 per block / output channel, or its uint8 codes with double quantisation),
-  `absmax_scale` / `absmax_offset` (the double quantisation's fp32 scale per 256 blocks and mean).
+  `absmax_scale` / `absmax_offset` (the double quantisation's fp32 scale per 256 blocks and mean).  The GGUF
+  kinds keep the file's blocks in PyTorch layout: `codes` (*stack, out, in / 32, 16) uint8 (Q4_0 / Q4_1: the
+  block's first 16 values in the low nibbles) or (..., 32) int8 (Q8_0), `absmax` the blocks' float16 scales d
+  (*stack, out, in / 32) and `mins` Q4_1's float16 minimums m.
 
   It stands in for the kernel where code reads only its `shape` / `ndim` / `dtype`, `astype(dtype)` (and
   Flax's unboxing in `self.param`) give the dequantised kernel.
@@ -110,6 +119,7 @@ class QuantizedWeight(flax.struct.PyTreeNode, meta.AxisMetadata):
   absmax: jax.Array
   absmax_scale: jax.Array | None = None
   absmax_offset: jax.Array | None = None
+  mins: jax.Array | None = None
   kind: str = flax.struct.field(pytree_node=False, default="nf4")
   shape: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
   dtype_name: str = flax.struct.field(pytree_node=False, default="float32")
@@ -212,6 +222,9 @@ def quantize_kernel(kernel: jax.Array, cfg: QuantConfig = QuantConfig()) -> Quan
   """The `QuantizedWeight` of one (*stack, in, out) kernel."""
   if np.ndim(kernel) < 2:
     raise ValueError(f"only kernels of rank >= 2 can be quantised, got shape {np.shape(kernel)}.")
+  if cfg.kind == "gguf":
+    raise ValueError("QuantConfig.kind='gguf' keeps a GGUF file's own blocks (keep_gguf_blocks); it does not "
+                     "quantise float kernels: choose 'nf4', 'int4' or 'int8'.")
   parts = _quantize_kernel(jnp.asarray(kernel), cfg)
   if cfg.kind != "int8" and cfg.double_quant:
     parts["absmax"], parts["absmax_scale"] = _quantize_absmax(parts["absmax"], parts["absmax_offset"])
@@ -230,8 +243,25 @@ def block_absmax(weight: QuantizedWeight) -> jax.Array:
   return table[weight.absmax.astype(jnp.int32)] * scale + weight.absmax_offset[..., None]
 
 
+def _dequantize_gguf(weight: QuantizedWeight) -> jax.Array:
+  """The float32 (*stack, out, in) weight of GGUF blocks, as gguf-py's dequantize computes it: Q4_0 d (q - 8),
+  Q4_1 d q + m, Q8_0 d q (d and m float16 widened to float32)."""
+  d = weight.absmax.astype(jnp.float32)[..., None]
+  if weight.kind == "gguf_q8_0":
+    values = weight.codes.astype(jnp.float32) * d
+  else:
+    codes = jnp.concatenate([weight.codes & 15, weight.codes >> 4], axis=-1)
+    if weight.kind == "gguf_q4_0":
+      values = d * (codes.astype(jnp.int8) - 8).astype(jnp.float32)
+    else:  # the sum rounded on its own, as numpy's (XLA:CPU does not fuse it into an FMA)
+      values = d * codes.astype(jnp.float32) + weight.mins.astype(jnp.float32)[..., None]
+  return values.reshape(*values.shape[:-2], -1)
+
+
 def _dequantize_out_in(weight: QuantizedWeight, dtype) -> jax.Array:
   """The kernel in PyTorch layout (*stack, out, in), where the 4-bit codes run along the input axis."""
+  if weight.kind in GGUF_KINDS:
+    return _dequantize_gguf(weight).astype(dtype)
   *stack, d_in, d_out = weight.shape
   high, low = weight.codes >> 4, weight.codes & 15
   codes = jnp.stack([high, low], axis=-1).reshape(*weight.codes.shape[:-1], -1)
@@ -249,6 +279,69 @@ def dequantize(weight: QuantizedWeight, dtype=None) -> jax.Array:
     w = weight.codes.astype(jnp.float32) * (weight.absmax / 127.0)[..., None, :]
     return w.astype(dtype)
   return jnp.swapaxes(_dequantize_out_in(weight, dtype), -1, -2)
+
+
+def gguf_weight(type_name: str, blocks: np.ndarray, dtype=jnp.float32) -> QuantizedWeight:
+  """The `QuantizedWeight` of one GGUF tensor's raw blocks (out, in / 32, bytes per block) of type `type_name`
+  ("Q4_0", "Q4_1", "Q8_0"), standing for an (in, out) kernel of `dtype`; the bytes are kept as they are."""
+  kinds = {name: kind for kind, name in GGUF_KINDS.items()}
+  if type_name not in kinds:
+    raise ValueError(f"GGUF type {type_name} cannot stay quantised; valid: {sorted(kinds)}.")
+  blocks = np.ascontiguousarray(blocks, np.uint8)
+  d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
+  mins = blocks[..., 2:4].copy().view(np.float16)[..., 0] if type_name == "Q4_1" else None
+  codes = blocks[..., 4 if type_name == "Q4_1" else 2:].copy()
+  if type_name == "Q8_0":
+    codes = codes.view(np.int8)
+  *stack, d_out, count = d.shape
+  return QuantizedWeight(codes=jnp.asarray(codes), absmax=jnp.asarray(d),
+                         mins=None if mins is None else jnp.asarray(mins),
+                         kind=kinds[type_name], shape=(*stack, count * GGUF_BLOCK, d_out),
+                         dtype_name=jnp.dtype(dtype).name, block_size=GGUF_BLOCK)
+
+
+def keep_gguf_blocks(cfg: QuantConfig, params: ptree.Tree, blocks: dict) -> dict:
+  """`params` with every kernel `cfg` targets that `blocks` ({Hugging Face tensor name: (GGUF type name, raw
+  blocks)}, `peftjax.models.gguf.read_blocks`) holds replaced by those blocks; the other kernels stay as they
+  are (dequantised).  The blocks must be of the tensors the float kernels were dequantised from."""
+  from peftjax.models import hf_io
+  flat = ptree.flatten(params)
+  for path in ptree.match_targets(params, cfg.targets, cfg.exclude):
+    name = hf_io.hf_key(f"{path}/kernel")
+    if name in blocks:
+      kernel = flat[f"{path}/kernel"]
+      weight = gguf_weight(*blocks[name], dtype=kernel.dtype)
+      if weight.shape != tuple(kernel.shape):
+        raise ValueError(f"GGUF tensor {name} has shape {weight.shape[::-1]}, but the model's {path} kernel is "
+                         f"{tuple(kernel.shape)}.")
+      flat[f"{path}/kernel"] = weight
+  return ptree.unflatten(flat)
+
+
+def weight_sharding(weight: QuantizedWeight, kernel_sharding: NamedSharding) -> QuantizedWeight:
+  """The NamedShardings of `weight`'s leaves derived from its kernel's: codes and scales split along the output
+  dimension over the mesh axes the kernel's output dimension uses, where they divide (int8 codes keep the kernel's
+  own spec; the 4-bit kinds' flat row-major (out, in) arrays split into whole rows); the rest replicated."""
+  mesh = kernel_sharding.mesh
+  spec = tuple(kernel_sharding.spec) + (None,) * (len(weight.shape) - len(kernel_sharding.spec))
+  stack, (in_axes, out_axes) = spec[:-2], spec[-2:]
+  size = math.prod(mesh.shape[a] for a in ((out_axes,) if isinstance(out_axes, str) else out_axes or ()))
+  d_out = weight.shape[-1]
+  whole_rows = weight.kind in GGUF_KINDS or weight.kind == "int8" or weight.shape[-2] % weight.block_size == 0
+
+  def split(leaf):  # the leaf's first axis after the stack runs over output rows
+    if leaf is None:
+      return None
+    ok = out_axes is not None and whole_rows and d_out % size == 0 and leaf.shape[len(stack)] % size == 0
+    return NamedSharding(mesh, PartitionSpec(*stack, out_axes if ok else None))
+
+  def replicated(leaf):
+    return None if leaf is None else NamedSharding(mesh, PartitionSpec())
+  if weight.kind == "int8":
+    return weight.replace(codes=NamedSharding(mesh, PartitionSpec(*stack, in_axes, out_axes)),
+                          absmax=split(weight.absmax))
+  return weight.replace(codes=split(weight.codes), absmax=split(weight.absmax), mins=split(weight.mins),
+                        absmax_scale=replicated(weight.absmax_scale), absmax_offset=replicated(weight.absmax_offset))
 
 
 def is_quantized(leaf: Any) -> bool:
@@ -287,12 +380,13 @@ def bits_per_parameter(weight: QuantizedWeight) -> float:
 
 @functools.partial(jax.checkpoint, static_argnums=(2, 3), policy=jax.checkpoint_policies.nothing_saveable)
 def _quantized_matmul(x: jax.Array, weight: QuantizedWeight, dtype, precision) -> jax.Array:
-  """x @ dequantize(weight), recomputing the dequantised weight in the backward pass instead of saving it (the
-  4-bit kinds contract with the (out, in) weight as dequantised, with no transposed copy)."""
+  """x @ dequantize(weight) in `dtype`, recomputing the dequantised weight in the backward pass instead of saving it
+  (the 4-bit kinds contract with the (out, in) weight as dequantised, with no transposed copy).  Below float32 the
+  operands are `dtype` and the sums float32, as the models' own nn.Dense (`layers.dot_general`)."""
+  dot = layers.dot_general(dtype)
   if weight.kind == "int8":
-    return jax.lax.dot_general(x, dequantize(weight, dtype), (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
-  return jax.lax.dot_general(x, _dequantize_out_in(weight, dtype), (((x.ndim - 1,), (1,)), ((), ())),
-                             precision=precision)
+    return dot(x, dequantize(weight, dtype), (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+  return dot(x, _dequantize_out_in(weight, dtype), (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
 
 
 def _quantized_layer(context) -> nn.Module | None:
@@ -338,10 +432,20 @@ def apply(method_cfg: Any, apply_fn: Callable[..., Any]) -> Callable[..., Any]:
   return api.apply(method_cfg, wrap(apply_fn))
 
 
-def requantization_error(cfg: QuantConfig, kernel: jax.Array) -> tuple[QuantizedWeight, dict]:
+def _gguf_requantized(kind: str, kernel: jax.Array) -> QuantizedWeight:
+  """`kernel` quantised to the GGUF block type `kind` with gguf-py's quantize (llama.cpp's reference rounding)."""
+  from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+  qtype = GGMLQuantizationType[GGUF_KINDS[kind]]
+  rows = np.swapaxes(np.asarray(kernel, np.float32), -1, -2)  # (*stack, out, in): blocks along the input
+  blocks = quants.quantize(rows, qtype).reshape(*rows.shape[:-1], -1, GGML_QUANT_SIZES[qtype][1])
+  return gguf_weight(GGUF_KINDS[kind], blocks, jnp.asarray(kernel).dtype)
+
+
+def requantization_error(cfg: QuantConfig, kernel: jax.Array, kind: str | None = None) -> tuple[QuantizedWeight, dict]:
   """(quantised `kernel`, {'max_abs', 'sq_err', 'sq_weight'}): what re-quantising `kernel` changes, as
-  max |Q(W) - W|, sum (Q(W) - W)^2 and sum W^2 (Q(W) = dequantize(quantize(W)))."""
-  weight = quantize_kernel(kernel, cfg)
+  max |Q(W) - W|, sum (Q(W) - W)^2 and sum W^2 (Q(W) = dequantize(quantize(W))).  Q is `cfg`'s, or for a GGUF
+  `kind` (the base layer's) that block type's."""
+  weight = _gguf_requantized(kind, kernel) if kind in GGUF_KINDS else quantize_kernel(kernel, cfg)
   w = jnp.asarray(kernel, jnp.float32)
   err = dequantize(weight, jnp.float32) - w
   return weight, {"max_abs": float(jnp.max(jnp.abs(err))), "sq_err": float(jnp.sum(err * err)),
@@ -352,16 +456,17 @@ def merge(method_cfg: Any, cfg: QuantConfig, params: ptree.Tree, adapters: Any,
           requantize: bool = False) -> tuple[dict, dict]:
   """(merged params, error report): the adapters folded into the dequantised weights.
 
-  The merged kernels stay in the base's float dtype, or with `requantize` are quantised again with `cfg`.
+  The merged kernels stay in the base's float dtype, or with `requantize` are quantised again with `cfg` (a
+  GGUF base's layers in their own block type).
   Either way the report says what re-quantising each merged kernel adds: {'layers': {module path:
   {'max_abs', 'relative'}}, 'max_abs', 'relative'} with relative = ||Q(W') - W'|| / ||W'|| (Frobenius;
   overall over all quantised kernels together).
   """
-  quantized = {p for p, leaf in ptree.flatten(params).items() if is_quantized(leaf)}
+  quantized = {p: leaf.kind for p, leaf in ptree.flatten(params).items() if is_quantized(leaf)}
   merged = ptree.flatten(api.merge(method_cfg, dequantize_tree(params), adapters))
   layers, sq_err, sq_weight, max_abs = {}, 0.0, 0.0, 0.0
   for path in sorted(quantized):
-    weight, err = requantization_error(cfg, merged[path])
+    weight, err = requantization_error(cfg, merged[path], quantized[path])
     layers[path[: -len("/kernel")]] = {"max_abs": err["max_abs"],
                                        "relative": math.sqrt(err["sq_err"] / max(err["sq_weight"], 1e-30))}
     sq_err, sq_weight, max_abs = sq_err + err["sq_err"], sq_weight + err["sq_weight"], max(max_abs, err["max_abs"])

@@ -175,6 +175,31 @@ def test_qlora_step_memory_and_dora():
   np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
+def test_qlora_bf16_forward_close_to_fp32_with_bf16_dots_accumulating_in_fp32():
+  """A Llama computing in bf16 over the NF4 base: logits within bf16 rounding of the fp32 model's, and each
+  quantised layer's dot (x against its (out, in) dequantised weight) takes bf16 operands and gives an f32 result."""
+  import re
+  model32, params = _llama(False)
+  model16 = llama.LlamaForCausalLM(config=TINY_LLAMA, dtype=jnp.bfloat16)  # fp32 parameters, bf16 compute
+  ids = jax.random.randint(jax.random.key(1), (2, 12), 0, TINY_LLAMA.vocab_size)
+  qparams = quant.quantize(quant.QuantConfig(), params)
+  cfg = pj.LoraConfig(rank=4, targets="all-linear")
+  adapters = pj.init(cfg, jax.random.key(2), params)
+  adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape), adapters)
+  forward16 = jax.jit(quant.apply(cfg, model16.apply))
+  out16 = forward16(qparams, adapters, ids)
+  out32 = jax.jit(quant.apply(cfg, model32.apply))(qparams, adapters, ids)
+  assert out16.dtype == jnp.bfloat16
+  scale = float(jnp.max(jnp.abs(out32)))
+  np.testing.assert_allclose(np.asarray(out16, np.float32), out32, atol=0.02 * scale)  # bf16: 8 mantissa bits
+  assert _corr(np.asarray(out16, np.float32), out32) >= 0.999
+  hlo = forward16.lower(qparams, adapters, ids).as_text()
+  quantized_dots = re.findall(r"contracting_dims = \[2\] x \[1\].*: \(tensor<2x12x\d+x(\w+)>, tensor<\d+x\d+x(\w+)>\)"
+                              r" -> tensor<2x12x\d+x(\w+)>", hlo)
+  assert len(quantized_dots) == 7 * TINY_LLAMA.num_hidden_layers
+  assert set(quantized_dots) == {("bf16", "bf16", "f32")}
+
+
 def test_quantized_t5_logits_close():
   # one encoder and one decoder block: a random T5 is sensitive (2 blocks: NF4 correlation 0.98)
   config = t5.T5Config(vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=1, num_heads=4,
@@ -292,14 +317,18 @@ def test_qlora_training_lowers_the_loss_on_minilm():
 
 @pytest.mark.slow
 def test_train_runs_qlora_and_reports_the_merge_error(tmp_path, capsys):
-  """python -m train with configs/qlora_llama.py on a tiny random Llama (remat, 2 micro-batches): NF4 base, LoRA on
-  all linear layers, the merged export in full precision with the re-quantisation error printed; config.quant
-  mistakes are one sentence."""
+  """python -m train with configs/qlora_llama.py on a tiny random Llama checkpoint (remat, 2 micro-batches): NF4
+  base, LoRA on all linear layers, the merged export in full precision with the re-quantisation error printed (the
+  numbers of quant.merge's report); config.quant mistakes are one sentence; train.predict's loading of the workdir
+  runs the trained adapter over the same quantised base (the training forward's logits)."""
   import train
   import test_train
 
-  shape = {"model_shape.vocab_size": 49152, "model_shape.hidden_size": 64, "model_shape.intermediate_size": 128,
-           "model_shape.num_hidden_layers": 2, "model": "random", "steps": 4, "batch_size": 4, "max_length": 16,
+  base = llama.LlamaForCausalLM(config=llama.LlamaConfig(  # a checkpoint folder, so predict quantises it again
+      vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, bos_token_id=1, eos_token_id=2))
+  llama.save_pretrained(base, llama.init_params(base, jax.random.key(0)), str(tmp_path / "base"))
+  shape = {"model": str(tmp_path / "base"), "steps": 4, "batch_size": 4, "max_length": 16,
            "eval_examples": 4, "train_examples": 16, "log_every": 2, "checkpoint_every": 4, "export_merged": True,
            "scale.remat": True, "scale.micro_batches": 2}
   with pytest.raises(ValueError, match=r"^config\.quant\.kind='nf5' is not supported; valid: \['none', 'nf4'"):
@@ -316,3 +345,25 @@ def test_train_runs_qlora_and_reports_the_merge_error(tmp_path, capsys):
   assert result["final_step"] == 4 and np.isfinite(result["after"]["loss"])
   assert os.path.exists(tmp_path / "run" / "merged" / "config.json")
   assert os.path.exists(tmp_path / "run" / "adapter" / "adapter_config.json")
+
+  # python -m train.predict's loading of the workdir: the trained adapter over the same quantised base, so the
+  # training forward's logits; and the printed re-quantisation error is quant.merge's report of that adapter.
+  from train import inference, quantize, steps
+  loaded = inference.load(str(tmp_path / "run"))
+  assert loaded.quantized and quant.is_quantized(pj.tree.flatten(loaded.params)["model/layers_0/mlp/down_proj/kernel"])
+  trained_base = pj.tree.flatten(jax.device_get(result["frozen"]))
+  assert pj.tree.flatten(loaded.params).keys() == trained_base.keys()
+  for path, leaf in pj.tree.flatten(loaded.params).items():  # the same codes and scales as training's base
+    for a, b in zip(jax.tree.leaves(leaf), jax.tree.leaves(trained_base[path])):
+      np.testing.assert_array_equal(a, b, err_msg=path)
+  batch = {k: v for k, v in jax.device_get(result["last_batch"]).items() if k in ("input_ids", "attention_mask")}
+  train_forward = steps.make_forward(result["model"], loaded.task, result["method"], quant.wrap(result["model"].apply))
+  expected = jax.jit(train_forward)(jax.device_get(result["state"]["trainable"]), jax.device_get(result["frozen"]),
+                                    batch)
+  logits = loaded.forward(loaded.adapters, loaded.params, batch)
+  np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+  row = batch["input_ids"][:1, : int(batch["attention_mask"][0].sum())]  # its real tokens (right padding)
+  greedy = llama.generate(loaded.model, loaded.params_for_apply, row, max_new_tokens=1, apply_fn=loaded.apply_fn)
+  assert int(greedy[0, 0]) == int(np.argmax(logits[0, row.shape[1] - 1]))  # generate runs the same quantised model
+  _, report = quant.merge(loaded.method_cfg, quantize.quant_config(result["config"]), loaded.params, loaded.adapters)
+  assert quant.report_line(report) in printed

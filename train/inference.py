@@ -22,11 +22,11 @@ import ml_collections
 from safetensors import safe_open
 
 import peftjax as pj
-from peftjax import checkpoint, interop
+from peftjax import checkpoint, interop, quant, sharding
 from peftjax import models as pj_models
 from peftjax.models import gguf, hf_io
 
-from train import data_files, loop, run_record, steps, tasks
+from train import data_files, loop, quantize, run_record, steps, tasks
 
 
 @dataclasses.dataclass
@@ -41,6 +41,7 @@ class Loaded:
   label_names: list[str] | None
   data: ml_collections.ConfigDict  # the run's config.data (which columns hold the inputs)
   lengths: dict            # the run's token lengths ({'max_length'} or {'source_length', 'target_length'})
+  quantized: bool = False  # `params` holds a quantised base (config.quant), run through peftjax.quant
 
   @property
   def task(self):
@@ -52,13 +53,14 @@ class Loaded:
     function object, so the models' generate compiles once)."""
     if self.method_cfg is None:
       return lambda p, *args, **kwargs: self.model.apply({"params": p}, *args, **kwargs)
-    adapted = pj.apply(self.method_cfg, self.model.apply)
+    adapted = (quant.apply if self.quantized else pj.apply)(self.method_cfg, self.model.apply)
     return lambda p, *args, **kwargs: adapted(p[0], p[1], *args, **kwargs)
 
   @functools.cached_property
   def forward(self):
     """The training forward pass (`train.steps.make_forward`), jit-compiled: forward(trainable, frozen, batch)."""
-    return jax.jit(steps.make_forward(self.model, self.task, self.method_cfg))
+    return jax.jit(steps.make_forward(self.model, self.task, self.method_cfg,
+                                      quant.wrap(self.model.apply) if self.quantized else None))
 
   @property
   def params_for_apply(self):
@@ -99,7 +101,8 @@ def from_workdir(workdir: str) -> Loaded:
   lengths = {k: config[k] for k in tasks.family(config).task.length_keys}
   if config.method == "full":
     return from_model_folder(os.path.join(workdir, "merged"), data_files.settings(config), lengths)
-  if config.model in loop.RANDOM_MODELS:
+  random_base = config.model in loop.RANDOM_MODELS
+  if random_base:  # its exported base is already the dequantised quantised base, if the run had one
     config.model = os.path.join(workdir, "base")
   model, params, tokenizer = loop.load_model(config, num_labels)
   if label_names and hasattr(model.config, "id2label"):
@@ -110,8 +113,12 @@ def from_workdir(workdir: str) -> Loaded:
     method_cfg, adapters = interop.load_adapter(folder, params)
   else:
     adapters = checkpoint.load_adapters(folder, trainable)
+  quantized = quantize.quant_config(config) is not None and not random_base
+  if quantized:  # the base the run trained over: stored in config.scale.frozen_dtype, then quantised (deterministic)
+    params = quantize.quantized_base(config, sharding.cast_floating(
+        params, loop.DTYPES[loop.scale_settings(config).frozen_dtype]))
   return Loaded(tasks.family(config), model, params, adapters, method_cfg, tokenizer, label_names,
-                data_files.settings(config), lengths)
+                data_files.settings(config), lengths, quantized)
 
 
 def _num_labels(folder: str) -> int | None:

@@ -9,7 +9,8 @@ w + 1 (`read` subtracts 1), their Q/K rows are not permuted, and what llama.cpp 
 (the layer pattern, Gemma 3's local RoPE base 10000, query_pre_attn_scalar) takes llama.cpp's values.
 
 Quantised tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantised with gguf-py to float32, so the
-weights equal the quantised model's, not the original bf16 ones.  llama.cpp permutes the rows of Q
+weights equal the quantised model's, not the original bf16 ones; `read_blocks` gives the Q4_0 / Q4_1 / Q8_0
+linear layers' raw blocks instead, for a quantised frozen base (`peftjax.quant.keep_gguf_blocks`).  llama.cpp permutes the rows of Q
 and K in "llama" files for its interleaved RoPE; `read` undoes that for the rotate-half layout.
 Llama 3.1+ files keep the "llama3" RoPE scaling as per-frequency factors (`rope_freqs.weight`);
 `read` recovers Hugging Face's rope_scaling dict from them and checks that it reproduces every factor.
@@ -224,6 +225,34 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
       elif ".self_attn.k_proj." in key:
         raw[key] = unpermute(raw[key], config["num_key_value_heads"])
   return config, raw
+
+
+KEPT_BLOCK_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # the types `read_blocks` keeps (peftjax.quant.GGUF_KINDS)
+
+
+def read_blocks(path: str) -> dict[str, tuple[str, np.ndarray]]:
+  """{Hugging Face name: (type name, raw blocks (out, in / 32, bytes per block) uint8)} of the file's linear-layer
+  weights (blk.N.attn_* / ffn_*, 2-D) stored as Q4_0, Q4_1 or Q8_0, the bytes as in the file (memory-mapped).
+
+  The blocks run along each row, the input dimension, so llama.cpp's Q/K row permutation moves whole rows of
+  blocks and is undone as in `read`: the blocks dequantise to exactly `read`'s weights.
+  """
+  from gguf import GGML_QUANT_SIZES
+  reader = _reader(path)
+  config = read_config(path)
+  blocks = {}
+  for tensor in reader.tensors:
+    if (tensor.tensor_type.name not in KEPT_BLOCK_TYPES or not tensor.name.startswith("blk.")
+        or len(tensor.shape) != 2):
+      continue
+    name = hf_name(tensor.name)
+    rows = tensor.data.reshape(int(tensor.shape[1]), -1, GGML_QUANT_SIZES[tensor.tensor_type][1])
+    if config["model_type"] in _PERMUTED_QK and ".self_attn.q_proj." in name:
+      rows = unpermute(rows, config["num_attention_heads"])
+    elif config["model_type"] in _PERMUTED_QK and ".self_attn.k_proj." in name:
+      rows = unpermute(rows, config["num_key_value_heads"])
+    blocks[name] = (tensor.tensor_type.name, rows)
+  return blocks
 
 
 def _metadata(reader) -> dict:
