@@ -3,7 +3,8 @@
 `read(path)` gives a Hugging Face config.json-style dict and {Hugging Face tensor name: float32 array},
 which `peftjax.models.llama.from_pretrained` turns into (model, params); `load_tokenizer(path)` builds
 the transformers tokenizer stored in the file.  Architectures: "llama" (llama.cpp also stores Mistral
-and SmolLM as llama; their sliding window, if any, is not recorded and so not applied) and "qwen2".
+and SmolLM as llama; their sliding window, if any, is not recorded and so not applied), "qwen2" and "qwen3"
+(with its per-head q/k norms, `attn_q_norm` / `attn_k_norm`).
 
 Quantised tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantised with gguf-py to float32, so the
 weights equal the quantised model's, not the original bf16 ones.  llama.cpp permutes the rows of Q
@@ -22,7 +23,7 @@ import types
 
 import numpy as np
 
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2"}
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _PERMUTED_QK = ("llama",)
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _LAYER_TENSORS = {
@@ -36,6 +37,8 @@ _LAYER_TENSORS = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+# Tensors only some architectures have: {architecture: {llama.cpp name: Hugging Face module}}.
+_ARCH_LAYER_TENSORS = {"qwen3": {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}}
 _ROPE_FREQS = "rope_freqs.weight"
 
 
@@ -53,16 +56,18 @@ def find(path: str) -> str | None:
   return os.path.join(path, files[0]) if files else None
 
 
-def hf_name(gguf_name: str) -> str:
-  """llama.cpp tensor name -> Hugging Face name: 'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+def hf_name(gguf_name: str, arch: str = "llama") -> str:
+  """llama.cpp tensor name of an `arch` file -> Hugging Face name: 'blk.3.attn_q.weight' ->
+  'model.layers.3.self_attn.q_proj.weight'."""
+  layer_tensors = {**_LAYER_TENSORS, **_ARCH_LAYER_TENSORS.get(arch, {})}
   layer = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-  if layer and layer.group(2) in _LAYER_TENSORS:
-    return f"model.layers.{layer.group(1)}.{_LAYER_TENSORS[layer.group(2)]}.{layer.group(3)}"
+  if layer and layer.group(2) in layer_tensors:
+    return f"model.layers.{layer.group(1)}.{layer_tensors[layer.group(2)]}.{layer.group(3)}"
   top = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
   if top and top.group(1) in _GLOBAL_TENSORS:
     return f"{_GLOBAL_TENSORS[top.group(1)]}.{top.group(2)}"
   raise ValueError(f"GGUF tensor {gguf_name!r} has no Llama-family counterpart; known names: "
-                   f"{sorted(_GLOBAL_TENSORS)} and blk.N.{{{', '.join(sorted(_LAYER_TENSORS))}}}.")
+                   f"{sorted(_GLOBAL_TENSORS)} and blk.N.{{{', '.join(sorted(layer_tensors))}}}.")
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -149,7 +154,7 @@ def config_from_metadata(reader, tensors: dict[str, np.ndarray]) -> dict:
       "rms_norm_eps": meta("attention.layer_norm_rms_epsilon", 1e-6),
       "rope_theta": meta("rope.freq_base", 10000.0),
       "tie_word_embeddings": "lm_head.weight" not in tensors,
-      "attention_bias": arch == "llama" and "model.layers.0.self_attn.q_proj.bias" in tensors,
+      "attention_bias": arch in ("llama", "qwen3") and "model.layers.0.self_attn.q_proj.bias" in tensors,
       "mlp_bias": arch == "llama" and "model.layers.0.mlp.gate_proj.bias" in tensors,
       "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
       "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
@@ -170,11 +175,12 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
   """(Hugging Face config dict, {Hugging Face tensor name: float32 array in PyTorch layout}) of a GGUF file."""
   from gguf.quants import dequantize
   reader = _reader(path)
+  arch = _field(reader, "general.architecture")
   raw = {}
   for tensor in reader.tensors:
     shape = [int(n) for n in reversed(tensor.shape)]
     value = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
-    raw[tensor.name if tensor.name == _ROPE_FREQS else hf_name(tensor.name)] = value
+    raw[tensor.name if tensor.name == _ROPE_FREQS else hf_name(tensor.name, arch)] = value
   config = config_from_metadata(reader, raw)
   raw.pop(_ROPE_FREQS, None)
   if config["model_type"] in _PERMUTED_QK:
@@ -197,13 +203,14 @@ def read_config(path: str) -> dict:
   beyond the small rope_freqs table)."""
   from gguf.quants import dequantize
   reader = _reader(path)
+  arch = _field(reader, "general.architecture")
   tensors = {}
   for tensor in reader.tensors:
     shape = tuple(int(n) for n in reversed(tensor.shape))
     if tensor.name == _ROPE_FREQS:
       tensors[_ROPE_FREQS] = np.asarray(dequantize(tensor.data, tensor.tensor_type), np.float32).reshape(shape)
     else:
-      tensors[hf_name(tensor.name)] = types.SimpleNamespace(shape=shape)  # only its shape is looked at
+      tensors[hf_name(tensor.name, arch)] = types.SimpleNamespace(shape=shape)  # only its shape is looked at
   return config_from_metadata(reader, tensors)
 
 
