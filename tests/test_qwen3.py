@@ -201,3 +201,15 @@ def test_gguf_written_like_llama_cpp_loads(checkpoints, tmp_path):
   assert _max_diff(_logits(model, params, RIGHT), expected, RIGHT["attention_mask"]) < 1e-4
   with pytest.raises(ValueError, match="'blk.0.attn_q_norm.weight' has no Llama-family counterpart"):
     pj.models.gguf.hf_name("blk.0.attn_q_norm.weight", "llama")  # only qwen3 files carry per-head norms
+
+
+def test_config_passes_validation(tmp_path):
+  """configs/lora_qwen3.py builds a Qwen3 (abstractly) that its LoRA targets fit (tests/test_moe.py trains its
+  Mixtral sibling end to end)."""
+  from test_train_zoo import load_config
+  from train import validate
+  config = load_config("lora_qwen3", tmp_path)
+  validate.check(config)
+  assert llama.LlamaConfig(**config.model_shape).qk_norm
+  with pytest.raises(ValueError, match="config.model_shape does not make a llama model"):
+    validate.check(load_config("lora_qwen3", tmp_path, **{"model_shape.num_key_value_heads": 3}))

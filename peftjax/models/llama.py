@@ -157,6 +157,9 @@ class LlamaConfig:
     set_("mlp_only_layers", tuple(self.mlp_only_layers))
     if self.moe_intermediate_size is None:
       set_("moe_intermediate_size", self.intermediate_size)
+    if self.model_type == "mixtral" and self.moe_intermediate_size != self.intermediate_size:
+      raise ValueError(f"LlamaConfig.moe_intermediate_size={self.moe_intermediate_size} must equal intermediate_size="
+                       f"{self.intermediate_size} for Mixtral, whose experts have the MLP's width.")
     if (self.model_type in MOE) != (self.num_local_experts > 0):
       raise ValueError(f"LlamaConfig.num_local_experts={self.num_local_experts} does not fit model_type "
                        f"{self.model_type!r}: the mixture-of-experts types {MOE} need at least 1 expert, the others 0.")
