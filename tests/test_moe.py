@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import jax
 import numpy as np
@@ -17,7 +18,7 @@ import transformers
 
 import peftjax as pj
 from peftjax import interop, models
-from peftjax.methods import lora, modules_to_save
+from peftjax.methods import lora, lora_experts, modules_to_save
 from peftjax.models import hf_io, llama, moe
 
 from compare import assert_same_tokens  # tests/ is on sys.path under pytest
@@ -166,9 +167,63 @@ def test_lora_and_trained_router_with_peft_both_ways(checkpoints, variant, tmp_p
   assert _max_diff(theirs, ours, mask) > 1e-2  # a different adapter: the comparison above is not vacuous
 
 
+def test_expert_lora_matches_peft_target_parameters(checkpoints):
+  """LoRA on the stacked experts (both projections, every expert its own pair) plus q_proj, against the real peft's
+  target_parameters with randomised factors; merged, unmerged and scanned alike."""
+  from peft.tuners.lora.layer import ParamWrapper
+  folder = checkpoints["mixtral"]
+  model, params = llama.from_pretrained(folder)
+  experts = model.config.num_local_experts
+  peft_model = peft.get_peft_model(_load_torch(folder, "mixtral"), peft.LoraConfig(
+      r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["experts.gate_up_proj", "experts.down_proj"]))
+  rng = np.random.default_rng(5)
+  with torch.no_grad():
+    for _, param in peft_model.named_parameters():
+      if param.requires_grad:
+        param.add_(torch.tensor(rng.uniform(-0.3, 0.3, param.shape).astype(np.float32)))
+  peft_model.eval()
+  cfgs = [lora.LoraConfig(rank=2, alpha=4, targets=("q_proj",)), lora_experts.ExpertLoraConfig(rank=2, alpha=4)]
+  ours = [{}, {}]
+  for name, module in peft_model.named_modules():
+    if not isinstance(getattr(module, "lora_A", None), torch.nn.ModuleDict) or "default" not in module.lora_A:
+      continue
+    layer = re.search(r"layers\.(\d+)\.", name).group(1)
+    a, b = module.lora_A["default"].weight.detach().numpy(), module.lora_B["default"].weight.detach().numpy()
+    if isinstance(module, ParamWrapper):  # PEFT nests one wrapper per parameter: experts, experts.base_layer
+      path = f"model/layers_{layer}/mlp/experts/{module.parameter_name}"
+      ours[1][f"{path}_lora_A"], ours[1][f"{path}_lora_B"] = lora_experts.from_peft(a, b, experts)
+      for x, y in zip(lora_experts.to_peft(ours[1][f"{path}_lora_A"], ours[1][f"{path}_lora_B"]), (a, b)):
+        np.testing.assert_array_equal(x, y)
+    else:
+      ours[0][f"model/layers_{layer}/self_attn/q_proj/lora_A"] = a.T
+      ours[0][f"model/layers_{layer}/self_attn/q_proj/lora_B"] = b.T
+  adapters = tuple(pj.tree.unflatten(t) for t in ours)
+  init = pj.init(cfgs, jax.random.key(0), params)
+  assert jax.tree.map(np.shape, init) == jax.tree.map(np.shape, adapters)
+  assert init[1]["model"]["layers_0"]["mlp"]["experts"]["gate_up_proj_lora_A"].shape == (experts, 64, 2)
+
+  ids, mask = RIGHT["input_ids"], RIGHT["attention_mask"]
+  adapted = np.asarray(jax.jit(pj.apply(cfgs, model.apply))(params, adapters, ids, mask))
+  theirs = _torch_logits(peft_model, RIGHT)
+  assert _max_diff(adapted, theirs, mask) < 1e-5
+  only_attention = np.asarray(jax.jit(pj.apply(cfgs[0], model.apply))(params, adapters[0], ids, mask))
+  assert _max_diff(adapted, only_attention, mask) > 1e-2  # the experts' adapters matter
+  merged = pj.merge(cfgs, params, adapters)
+  assert _max_diff(_logits(model, merged, RIGHT), theirs, mask) < 1e-5
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6), pj.unmerge(cfgs, merged, adapters), params)
+  scanned, stacked = llama.from_pretrained(folder, scan_layers=True)
+  scanned_logits = jax.jit(pj.apply(cfgs, scanned.apply))(stacked, tuple(llama.stack_layers(t) for t in adapters),
+                                                           ids, mask)
+  assert _max_diff(scanned_logits, adapted) < 1e-5
+
+
 def test_config_errors():
   with pytest.raises(ValueError, match="num_local_experts=0 does not fit model_type 'mixtral'"):
     llama.LlamaConfig(model_type="mixtral", **TINY)
+  with pytest.raises(ValueError, match="match no stacked expert weight"):
+    pj.init(lora_experts.ExpertLoraConfig(), jax.random.key(0), {"model": {"q_proj": {"kernel": np.zeros((2, 2))}}})
+  with pytest.raises(ValueError, match="valid are 'gate_up_proj' and 'down_proj'"):
+    lora_experts.ExpertLoraConfig(targets=("w1",))
   with pytest.raises(ValueError, match="num_experts_per_tok=5 must be between 1 and num_local_experts=4"):
     llama.LlamaConfig(model_type="mixtral", num_local_experts=4, num_experts_per_tok=5, **TINY)
   state = moe.split_experts({"model.layers.0.mlp.experts.down_proj": np.zeros((3, 4, 2), np.float32),

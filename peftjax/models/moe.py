@@ -5,9 +5,9 @@ weights are stacked as transformers 5 holds them in memory: ``gate_up_proj`` (ex
 hidden) (gate rows, then up rows) and ``down_proj`` (experts, hidden, moe_intermediate).  Routing is
 transformers': softmax over the experts in float32, the top `num_experts_per_tok`, renormalised to sum to 1
 (always for Mixtral, with `norm_topk_prob` for Qwen3-MoE).  The experts are computed densely, every token
-through every expert, in two einsums weighted by the (mostly zero) routing weights: no Python loop over
-experts, shapes static under jit, and exactly transformers' sum, at num_experts / top_k times the FLOPs of
-a dispatching implementation.
+through every expert (einsums over the stacked weights), and summed with the (mostly zero) routing weights: no
+Python loop over experts, shapes static under jit, and exactly transformers' sum, at num_experts / top_k times
+the FLOPs of a dispatching implementation.  `peftjax.methods.lora_experts` adds LoRA to the stacked weights.
 
 transformers' save_pretrained writes one tensor per expert (Mixtral: ``block_sparse_moe.experts.E.w1/w3/w2``,
 Qwen3-MoE: ``mlp.experts.E.gate_proj/up_proj/down_proj``); `fuse_experts` / `split_experts` convert between
@@ -43,27 +43,37 @@ def routing_weights(router_logits: jax.Array, top_k: int, normalize: bool) -> ja
 
 
 class Experts(nn.Module):
-  """The stacked experts: sum over e of weights[..., e] * down_e(act(gate_e x) * up_e x)."""
+  """The stacked experts: sum over e of weights[..., e] * down_e(act(gate_e x) * up_e x).
+
+  Both matmuls go through `project`, the call `peftjax.methods.lora_experts` intercepts to add its low-rank path.
+  """
 
   num_experts: int
+  hidden_size: int
   intermediate_size: int
   activation: Callable[[jax.Array], jax.Array]
   initializer_range: float = 0.02
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
-  @nn.compact
+  def setup(self):
+    init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(self.initializer_range), axes)  # noqa
+    self.gate_up_proj = self.param("gate_up_proj", init(("expert", "mlp", "embed")),
+                                   (self.num_experts, 2 * self.intermediate_size, self.hidden_size), self.param_dtype)
+    self.down_proj = self.param("down_proj", init(("expert", "embed", "mlp")),
+                                (self.num_experts, self.hidden_size, self.intermediate_size), self.param_dtype)
+
+  def project(self, x: jax.Array, name: str, per_expert: bool) -> jax.Array:
+    """(..., experts, out): x through each expert's `name` weight (experts, out, in); x is (..., experts, in) when
+    `per_expert`, else (..., in), the same for every expert."""
+    spec = "...ei,eoi->...eo" if per_expert else "...i,eoi->...eo"
+    return layers.einsum(spec, x, getattr(self, name), self.dtype).astype(self.dtype)
+
   def __call__(self, x: jax.Array, weights: jax.Array) -> jax.Array:
     """x (..., hidden), weights (..., experts) -> (..., hidden)."""
-    hidden = x.shape[-1]
-    init = lambda axes: nn.with_logical_partitioning(nn.initializers.normal(self.initializer_range), axes)  # noqa
-    gate_up_proj = self.param("gate_up_proj", init(("expert", "mlp", "embed")),
-                              (self.num_experts, 2 * self.intermediate_size, hidden), self.param_dtype)
-    down_proj = self.param("down_proj", init(("expert", "embed", "mlp")),
-                           (self.num_experts, hidden, self.intermediate_size), self.param_dtype)
-    gate, up = jnp.split(layers.einsum("...h,eoh->...eo", x, gate_up_proj, self.dtype).astype(self.dtype), 2, -1)
-    h = self.activation(gate) * up * weights[..., None].astype(self.dtype)
-    return layers.einsum("...ei,ehi->...h", h, down_proj, self.dtype).astype(self.dtype)
+    gate, up = jnp.split(self.project(x, "gate_up_proj", False), 2, -1)
+    out = self.project(self.activation(gate) * up, "down_proj", True)
+    return layers.einsum("...eh,...e->...h", out, weights, self.dtype).astype(self.dtype)
 
 
 class SparseMoeBlock(nn.Module):
@@ -82,8 +92,8 @@ class SparseMoeBlock(nn.Module):
     router_logits = nn.Dense(c.num_local_experts, use_bias=False, name="gate", kernel_init=init,
                              dot_general=layers.dot_general(self.dtype), **kw)(x)
     weights = routing_weights(router_logits, c.num_experts_per_tok, c.normalize_top_k)
-    return Experts(c.num_local_experts, c.moe_intermediate_size, self.activation, c.initializer_range, name="experts",
-                   **kw)(x, weights)
+    return Experts(c.num_local_experts, c.hidden_size, c.moe_intermediate_size, self.activation, c.initializer_range,
+                   name="experts", **kw)(x, weights)
 
 
 def fuse_experts(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
