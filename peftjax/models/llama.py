@@ -87,7 +87,7 @@ class LlamaConfig:
   config stays hashable.  `sliding_window` applies to every Mistral / Mixtral / Qwen3-MoE layer (Qwen3-MoE's only
   with `use_sliding_window`), and to the Qwen2 / Qwen3 layers
   that `layer_types` marks "sliding_attention" (derived from `use_sliding_window` / `max_window_layers`
-  when not given, as transformers does); for Llama and Mistral `layer_types` is always derived.  `id2label`
+  when not given, as transformers does); for the other types `layer_types` is always derived.  `id2label`
   holds the label names of a classification checkpoint, in label order.
   """
 
@@ -163,6 +163,9 @@ class LlamaConfig:
     if (self.model_type in MOE) != (self.num_local_experts > 0):
       raise ValueError(f"LlamaConfig.num_local_experts={self.num_local_experts} does not fit model_type "
                        f"{self.model_type!r}: the mixture-of-experts types {MOE} need at least 1 expert, the others 0.")
+    if self.decoder_sparse_step < 1:
+      raise ValueError(f"LlamaConfig.decoder_sparse_step={self.decoder_sparse_step} must be at least 1 (every "
+                       "decoder_sparse_step-th layer is sparse).")
     if self.model_type in MOE and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
       raise ValueError(f"LlamaConfig.num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
                        f"num_local_experts={self.num_local_experts}.")
@@ -210,7 +213,7 @@ class LlamaConfig:
     return cls(**kwargs, id2label=hf_io.id2label_from_hf(hf))
 
   def to_hf(self, task: str = "causal_lm") -> dict:
-    """A config.json dict that transformers' Llama / Mistral / Qwen2 / Qwen3 class for `task` (TASKS) accepts."""
+    """A config.json dict that transformers' class of this model_type for `task` (TASKS) accepts."""
     skip = {"attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
             "id2label", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
             "decoder_sparse_step", "mlp_only_layers"}
@@ -637,8 +640,8 @@ def from_pretrained(path_or_hub_id: str, dtype=None, scan_layers: bool = False, 
 
 
 def save_pretrained(model: nn.Module, params: dict, folder: str) -> None:
-  """Writes config.json + model.safetensors that transformers' class of the model's
-  model_type and task loads (MoE experts written one tensor per expert, as transformers writes them)."""
+  """Writes config.json + model.safetensors that transformers' class of the model's model_type and task loads
+  (MoE experts one tensor per expert, as transformers writes them)."""
   if model.scan_layers:
     params = unstack_layers(params)
   task = next(task for task, cls in TASKS.items() if isinstance(model, cls))
