@@ -167,9 +167,9 @@ def test_lora_and_trained_router_with_peft_both_ways(checkpoints, variant, tmp_p
   assert _max_diff(theirs, ours, mask) > 1e-2  # a different adapter: the comparison above is not vacuous
 
 
-def test_expert_lora_matches_peft_target_parameters(checkpoints):
+def test_expert_lora_matches_peft_target_parameters(checkpoints, tmp_path):
   """LoRA on the stacked experts (both projections, every expert its own pair) plus q_proj, against the real peft's
-  target_parameters with randomised factors; merged, unmerged and scanned alike."""
+  target_parameters with randomised factors; merged, unmerged and scanned alike; PEFT folders both ways."""
   from peft.tuners.lora.layer import ParamWrapper
   folder = checkpoints["mixtral"]
   model, params = llama.from_pretrained(folder)
@@ -215,6 +215,18 @@ def test_expert_lora_matches_peft_target_parameters(checkpoints):
   scanned_logits = jax.jit(pj.apply(cfgs, scanned.apply))(stacked, tuple(llama.stack_layers(t) for t in adapters),
                                                            ids, mask)
   assert _max_diff(scanned_logits, adapted) < 1e-5
+
+  # PEFT folders both ways: theirs loads as exactly the factors above; ours loads in PEFT to the same logits.
+  peft_model.save_pretrained(str(tmp_path / "theirs"))
+  their_cfgs, their_adapters = lora_experts.load_peft_adapter(str(tmp_path / "theirs"), params)
+  assert [type(c) for c in their_cfgs] == [type(c) for c in cfgs] and their_cfgs[1] == cfgs[1]
+  jax.tree.map(np.testing.assert_array_equal, their_adapters, adapters)
+  lora_experts.save_peft_adapter(str(tmp_path / "ours"), cfgs, adapters, task_type="CAUSAL_LM")
+  reloaded = peft.PeftModel.from_pretrained(_load_torch(folder, "mixtral"), str(tmp_path / "ours")).eval()
+  assert _max_diff(_torch_logits(reloaded, RIGHT), adapted, mask) < 1e-5
+  with pytest.raises(ValueError, match="one r / lora_alpha for target_modules and target_parameters"):
+    lora_experts.save_peft_adapter(str(tmp_path / "bad"), [lora.LoraConfig(rank=4, targets=("q_proj",)), cfgs[1]],
+                                   adapters)
 
 
 def test_config_errors():

@@ -7,7 +7,8 @@ x W_e^T + s (x A_e) B_e with s = alpha / rank.  Training adds that path in activ
 `Experts.project`); `merge` folds W_e += s (A_e B_e)^T.  Initialisation is PEFT's: A uniform in
 ±1/sqrt(in), B = 0.  PEFT stores the pair of a 3-D parameter as lora_A (r * experts, in) (expert-major rows) and
 lora_B (out, r * experts) (rank-major columns); `from_peft` / `to_peft` convert one pair.  Dropout is refused, as
-PEFT does.  Compose with `LoraConfig` (a list of configs) to adapt the attention as well.
+PEFT does.  Compose with `LoraConfig` (a list of configs) to adapt the attention as well; `save_peft_adapter` /
+`load_peft_adapter` write and read such a list as one Hugging Face PEFT folder (``target_parameters``).
 """
 
 from __future__ import annotations
@@ -15,14 +16,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable
+import os
+import re
+import tempfile
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peftjax import tree as ptree
+from peftjax import adapter_schema, interop, tree as ptree
+from peftjax.methods import lora
 from peftjax.models import moe
 
 COLLECTION = "lora_experts"
@@ -128,3 +133,88 @@ def to_peft(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Inverse of `from_peft`."""
   a, b = np.asarray(a), np.asarray(b)
   return a.transpose(0, 2, 1).reshape(-1, a.shape[1]), b.transpose(2, 1, 0).reshape(b.shape[2], -1)
+
+
+# PEFT's key of a stacked weight's factor: one ParamWrapper per target parameter, the first one innermost (under
+# as many ``base_layer``s as targets follow it).
+_PEFT_KEY = re.compile(r"(?P<module>.+\.experts)(?P<nest>(?:\.base_layer)*)\.lora_(?P<kind>[AB])\.weight")
+
+
+def peft_files(cfg: ExpertLoraConfig, adapters: dict) -> tuple[dict, dict[str, np.ndarray]]:
+  """(adapter_config.json entries, tensors) of these adapters in a PEFT LoRA folder (unscanned trees)."""
+  flat = ptree.flatten(adapters)
+  tensors = {}
+  for path in [p.removesuffix("_lora_A") for p in flat if p.endswith("_lora_A")]:
+    module, name = path.rsplit("/", 1)
+    nest = ".base_layer" * (len(cfg.targets) - 1 - cfg.targets.index(name))
+    key = f"{interop.PREFIX}{ptree.hf_name(module)}{nest}"
+    tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = to_peft(flat[f"{path}_lora_A"],
+                                                                               flat[f"{path}_lora_B"])
+  return {"target_parameters": [f"experts.{t}" for t in cfg.targets]}, tensors
+
+
+def save_peft_adapter(folder: str, cfgs: Sequence[Any], adapters: Sequence[Any],
+                      base_model_name_or_path: str | None = None, task_type: str | None = None) -> None:
+  """Writes [LoraConfig, ExpertLoraConfig] (optionally with a ModulesToSaveConfig) and their adapter trees as one
+  PEFT LoRA folder: target_modules from the LoraConfig, target_parameters from the ExpertLoraConfig.  PEFT has one
+  r and lora_alpha for both, and no dropout on expert weights, so the two configs must agree."""
+  experts = [i for i, c in enumerate(cfgs) if isinstance(c, ExpertLoraConfig)]
+  lora_cfgs = [c for c in cfgs if type(c) is lora.LoraConfig]
+  if len(experts) != 1 or len(lora_cfgs) != 1:
+    raise ValueError(f"save_peft_adapter takes one LoraConfig and one ExpertLoraConfig (and optionally a "
+                     f"ModulesToSaveConfig); got {[type(c).__name__ for c in cfgs]}.")
+  cfg, attention = cfgs[experts[0]], lora_cfgs[0]
+  if (attention.rank, attention.alpha, attention.dropout, attention.use_rslora) != (cfg.rank, cfg.alpha, 0.0, False):
+    raise ValueError(f"PEFT keeps one r / lora_alpha for target_modules and target_parameters and no dropout: "
+                     f"LoraConfig rank={attention.rank}, alpha={attention.alpha}, dropout={attention.dropout}, "
+                     f"use_rslora={attention.use_rslora} must be ExpertLoraConfig's rank={cfg.rank}, alpha={cfg.alpha}, "
+                     "0.0 and False.")
+  rest = [i for i in range(len(cfgs)) if i != experts[0]]
+  config, tensors = interop.adapter_files([cfgs[i] for i in rest], tuple(adapters[i] for i in rest),
+                                          base_model_name_or_path, task_type)
+  more_config, more = peft_files(cfg, adapters[experts[0]])
+  interop.write_folder(folder, {**config, **more_config}, {**tensors, **more})
+
+
+def load_peft_adapter(folder: str, params: dict) -> tuple[list, tuple]:
+  """Reads a PEFT LoRA folder with target_parameters for the base tree `params`: ([the configs
+  `interop.load_adapter` gives, ..., ExpertLoraConfig], (their adapter trees, ..., the experts' tree))."""
+  config, tensors = adapter_schema.read_folder(folder)
+  targets = tuple(t.rsplit(".", 1)[-1] for t in config.get("target_parameters") or ())
+  if not targets:
+    raise interop.AdapterFormatError(f"{folder!r}: adapter_config.json has no target_parameters; read it with "
+                                     "peftjax.interop.load_adapter.")
+  try:
+    cfg = ExpertLoraConfig(rank=int(config.get("r", 8)), alpha=float(config.get("lora_alpha", 8)), targets=targets)
+  except ValueError as e:
+    raise interop.AdapterFormatError(f"{folder!r}: {e}") from None
+  flat = ptree.flatten(params)
+  modules = {ptree.hf_name(p.rsplit("/", 1)[0]): p.rsplit("/", 1)[0] for p in target_paths(cfg, params)}
+  experts, rest = {}, {}
+  for key, tensor in tensors.items():
+    match = _PEFT_KEY.fullmatch(key.removeprefix(interop.PREFIX))
+    if match is None:
+      rest[key] = tensor
+      continue
+    module, nest = match.group("module"), match.group("nest").count(".base_layer")
+    if module not in modules or nest >= len(targets):
+      raise interop.AdapterFormatError(f"{folder!r}: tensor {key!r} names no stacked expert weight of this model.")
+    experts.setdefault((modules[module], targets[len(targets) - 1 - nest]), {})[match.group("kind")] = tensor
+  adapters = {}
+  for (module, name), pair in experts.items():
+    shape = flat[f"{module}/{name}"].shape
+    a, b = from_peft(pair["A"], pair["B"], shape[-3])
+    if a.shape != (shape[-3], shape[-1], cfg.rank) or b.shape != (shape[-3], cfg.rank, shape[-2]):
+      raise interop.AdapterFormatError(f"{folder!r}: the factors of {module}/{name} have shapes {pair['A'].shape} "
+                                       f"and {pair['B'].shape}, not those of rank {cfg.rank} for its {shape} weight.")
+    adapters[f"{module}/{name}_lora_A"], adapters[f"{module}/{name}_lora_B"] = jnp.asarray(a), jnp.asarray(b)
+  if len(adapters) != 2 * len(modules) * len(targets):
+    raise interop.AdapterFormatError(f"{folder!r}: {len(adapters) // 2} expert weights have factors; this model has "
+                                     f"{len(modules) * len(targets)} for target_parameters {list(targets)}.")
+  with tempfile.TemporaryDirectory() as tmp:  # the rest is an ordinary LoRA folder
+    others = os.path.join(tmp, "adapter")
+    interop.write_folder(others, {k: v for k, v in config.items() if k != "target_parameters"}, rest)
+    loaded_cfg, loaded = interop.load_adapter(others, params)
+  if isinstance(loaded_cfg, list):
+    return [*loaded_cfg, cfg], (*loaded, ptree.unflatten(adapters))
+  return [loaded_cfg, cfg], (loaded, ptree.unflatten(adapters))
