@@ -6,6 +6,7 @@ modules_to_save, as Hugging Face PEFT folders both ways."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 
@@ -108,6 +109,22 @@ def test_routing_matters(checkpoints):
   model, params = llama.from_pretrained(checkpoints["mixtral"])
   every = model.clone(config=dataclasses.replace(model.config, num_experts_per_tok=4))
   assert _max_diff(_logits(model, params, RIGHT), _logits(every, params, RIGHT), RIGHT["attention_mask"]) > 1e-2
+
+
+def test_load_balancing_loss_matches_transformers(checkpoints):
+  """The auxiliary loss from the sown router logits equals transformers' aux_loss (padding left out), scanned too."""
+  torch_model = _load_torch(checkpoints["mixtral"], "mixtral")
+  with torch.no_grad():
+    expected = float(torch_model(**{k: torch.tensor(v) for k, v in RIGHT.items()}, output_router_logits=True).aux_loss)
+  for scan_layers in (False, True):
+    model, params = llama.from_pretrained(checkpoints["mixtral"], scan_layers=scan_layers)
+    _, state = jax.jit(functools.partial(model.apply, mutable=["intermediates"]))(
+        {"params": params}, RIGHT["input_ids"], RIGHT["attention_mask"])
+    router_logits = moe.sown_router_logits(state["intermediates"])
+    assert len(router_logits) == (1 if scan_layers else 2)
+    loss = float(moe.load_balancing_loss(router_logits, 2, RIGHT["attention_mask"]))
+    assert abs(loss - expected) < 1e-5
+  assert float(moe.load_balancing_loss(router_logits, 2)) != pytest.approx(loss)  # the mask matters
 
 
 @pytest.mark.parametrize("variant", ["mixtral", "qwen3_moe"])

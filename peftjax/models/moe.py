@@ -9,6 +9,9 @@ through every expert (einsums over the stacked weights), and summed with the (mo
 Python loop over experts, shapes static under jit, and exactly transformers' sum, at num_experts / top_k times
 the FLOPs of a dispatching implementation.  `peftjax.methods.lora_experts` adds LoRA to the stacked weights.
 
+Each block sows its router logits (``intermediates`` collection, ``router_logits``) when the caller makes that
+collection mutable; `load_balancing_loss` turns them into transformers' auxiliary loss (Switch Transformer's).
+
 transformers' save_pretrained writes one tensor per expert (Mixtral: ``block_sparse_moe.experts.E.w1/w3/w2``,
 Qwen3-MoE: ``mlp.experts.E.gate_proj/up_proj/down_proj``); `fuse_experts` / `split_experts` convert between
 those files and the stacked names.
@@ -17,7 +20,7 @@ those files and the stacked names.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -91,9 +94,36 @@ class SparseMoeBlock(nn.Module):
     init = nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), ("embed", "expert"))
     router_logits = nn.Dense(c.num_local_experts, use_bias=False, name="gate", kernel_init=init,
                              dot_general=layers.dot_general(self.dtype), **kw)(x)
+    self.sow("intermediates", "router_logits", router_logits)
     weights = routing_weights(router_logits, c.num_experts_per_tok, c.normalize_top_k)
     return Experts(c.num_local_experts, c.hidden_size, c.moe_intermediate_size, self.activation, c.initializer_range,
                    name="experts", **kw)(x, weights)
+
+
+def sown_router_logits(intermediates: Mapping[str, Any]) -> list[jax.Array]:
+  """Every MoE layer's router logits (..., experts) from `model.apply(..., mutable=["intermediates"])`'s second
+  result (a scanned model's come stacked on a leading layer axis)."""
+  flat = jax.tree_util.tree_flatten_with_path(intermediates)[0]
+  return [leaf for path, leaf in flat if "router_logits" in jax.tree_util.keystr(path)]
+
+
+def load_balancing_loss(router_logits: Sequence[jax.Array], top_k: int, attention_mask: jax.Array | None = None
+                        ) -> jax.Array:
+  """transformers' load_balancing_loss_func: num_experts * sum_e f_e P_e over the tokens of every layer, f_e the
+  share of top-k choices that go to expert e (summing to top_k), P_e the mean routing probability of expert e.
+
+  `router_logits`: per layer (batch, length, experts), or stacked (layers, batch, length, experts); padding
+  (attention_mask 0) is left out.  Scale it by config.json's router_aux_loss_coef to add it to the LM loss.
+  """
+  logits = jnp.concatenate([jnp.reshape(l, (-1, *l.shape[-3:])) for l in router_logits]).astype(jnp.float32)
+  probs = jax.nn.softmax(logits, axis=-1)
+  chosen = jnp.sum(jax.nn.one_hot(jax.lax.top_k(probs, top_k)[1], probs.shape[-1]), axis=-2)
+  mask = jnp.ones(logits.shape[:-1]) if attention_mask is None else \
+      jnp.broadcast_to((attention_mask != 0).astype(jnp.float32), logits.shape[:-1])
+  rows = jnp.sum(mask)
+  tokens_per_expert = jnp.einsum("...e,...->e", chosen, mask) / rows
+  prob_per_expert = jnp.einsum("...e,...->e", probs, mask) / rows
+  return probs.shape[-1] * jnp.sum(tokens_per_expert * prob_per_expert)
 
 
 def fuse_experts(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
