@@ -6,8 +6,8 @@ r) and ``<name>_lora_B`` (*stack, experts, r, out), under the experts module's p
 x W_e^T + s (x A_e) B_e with s = alpha / rank.  Training adds that path in activation space (an interceptor on
 `Experts.project`); `merge` folds W_e += s (A_e B_e)^T.  Initialisation is PEFT's: A uniform in
 ±1/sqrt(in), B = 0.  PEFT stores the pair of a 3-D parameter as lora_A (r * experts, in) (expert-major rows) and
-lora_B (out, r * experts) (rank-major columns); `from_peft` / `to_peft` convert one pair.  Dropout is refused, as
-PEFT does.  Compose with `LoraConfig` (a list of configs) to adapt the attention as well; `save_peft_adapter` /
+lora_B (out, r * experts) (rank-major columns); `from_peft` / `to_peft` convert one pair.  There is no dropout
+(PEFT refuses it on expert weights).  Compose with `LoraConfig` (a list of configs) to adapt the attention as well; `save_peft_adapter` /
 `load_peft_adapter` write and read such a list as one Hugging Face PEFT folder (``target_parameters``).
 """
 
