@@ -27,7 +27,26 @@ def test_keep_mask_per_row_follows_the_row_id():
     assert not np.array_equal(dropout.keep_mask(jax.random.fold_in(key, 1), 0.5, (6, 40)), whole)  # steps differ
     with pytest.raises(ValueError, match="must lead with the batch's 6 rows"):
       dropout.keep_mask(key, 0.5, (4, 40))
-  np.testing.assert_array_equal(dropout.keep_mask(key, 0.5, (6, 40)), jax.random.bernoulli(key, 0.5, (6, 40)))
+  outside = dropout.keep_mask(key, 0.5, (6, 40))  # one draw over the whole array
+  assert outside.shape == (6, 40) and not np.array_equal(outside, whole)
+
+
+@pytest.mark.parametrize("keep", [0.9, 0.25])
+def test_keep_mask_is_bernoulli_of_keep_and_uncorrelated(keep):
+  """The hashed mask bits: each element kept with probability `keep` (within 5 standard errors over 640k draws),
+  no correlation between neighbouring elements, between rows
+  or between steps; odd row lengths and arrays outside a `rows` block get their shape."""
+  key, n = jax.random.key(11), 16 * 40_001
+  with dropout.rows(jnp.arange(16)):
+    mask = np.asarray(dropout.keep_mask(key, keep, (16, 40_001)), np.float64)
+    next_step = np.asarray(dropout.keep_mask(jax.random.fold_in(key, 1), keep, (16, 40_001)), np.float64)
+  assert abs(mask.mean() - keep) < 5 * np.sqrt(keep * (1 - keep) / n)
+  bound = 5 / np.sqrt(mask[:, 1:].size)
+  assert abs(np.corrcoef(mask[:, :-1].ravel(), mask[:, 1:].ravel())[0, 1]) < bound  # neighbours
+  assert abs(np.corrcoef(mask[:-1].ravel(), mask[1:].ravel())[0, 1]) < bound  # rows
+  assert abs(np.corrcoef(mask.ravel(), next_step.ravel())[0, 1]) < bound  # steps
+  outside = np.asarray(dropout.keep_mask(key, keep, (7, 5, 3)))
+  assert outside.shape == (7, 5, 3) and 0 < outside.mean() < 1
 
 
 @pytest.mark.parametrize("family,method", dropout_cases.CASES)

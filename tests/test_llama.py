@@ -216,8 +216,8 @@ def test_checkpoint_errors(checkpoints, tmp_path):
     llama.from_pretrained(str(folder))
   message = str(error.value)
   assert f"{key}: checkpoint (32, 64) vs model (64, 64)" in message and "model.norm.weight" in message
-  with pytest.raises(ValueError, match="rope_type='yarn' is not supported"):
-    llama.LlamaConfig(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+  with pytest.raises(ValueError, match="rope_type='axial' is not supported"):
+    llama.LlamaConfig(rope_scaling={"rope_type": "axial", "factor": 2.0})
   with pytest.raises(ValueError, match="needs .*missing \\['low_freq_factor', 'high_freq_factor'\\]"):
     llama.LlamaConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0})
   with pytest.raises(ValueError, match="model_type='gemma' is not supported"):

@@ -31,6 +31,7 @@ from peftjax.methods import lora
 from peftjax.models import moe
 
 COLLECTION = "lora_experts"
+_WEIGHTS = ("gate_up_proj", "down_proj")  # in the order transformers 5.23's experts modules define them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,12 +43,11 @@ class ExpertLoraConfig:
   targets: tuple[str, ...] = ("gate_up_proj", "down_proj")
 
   def __post_init__(self):
-    object.__setattr__(self, "targets", tuple(self.targets))
     if self.rank < 1:
       raise ValueError(f"ExpertLoraConfig.rank must be a positive integer, got {self.rank}.")
-    unknown = sorted(set(self.targets) - {"gate_up_proj", "down_proj"})
-    if unknown or not self.targets:
+    if not self.targets or not set(self.targets) <= set(_WEIGHTS):
       raise ValueError(f"ExpertLoraConfig.targets={self.targets!r}: valid are 'gate_up_proj' and 'down_proj'.")
+    object.__setattr__(self, "targets", tuple(t for t in _WEIGHTS if t in self.targets))  # the experts' order
 
   @property
   def scaling(self) -> float:
@@ -135,8 +135,10 @@ def to_peft(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return a.transpose(0, 2, 1).reshape(-1, a.shape[1]), b.transpose(2, 1, 0).reshape(b.shape[2], -1)
 
 
-# PEFT's key of a stacked weight's factor: one ParamWrapper per target parameter, the first one innermost (under
-# as many ``base_layer``s as targets follow it).
+# PEFT's key of a stacked weight's factor: one ParamWrapper per target parameter, nested in the order PEFT meets
+# the experts module's parameters (the first innermost, under as many ``base_layer``s as wrappers follow it).
+# `peft_files` nests in `targets` order (transformers 5.23 defines gate_up_proj first); `load_peft_adapter` tells
+# the weights apart by their factors' shapes, whatever the nesting.
 _PEFT_KEY = re.compile(r"(?P<module>.+\.experts)(?P<nest>(?:\.base_layer)*)\.lora_(?P<kind>[AB])\.weight")
 
 
@@ -196,12 +198,20 @@ def load_peft_adapter(folder: str, params: dict) -> tuple[list, tuple]:
     if match is None:
       rest[key] = tensor
       continue
-    module, nest = match.group("module"), match.group("nest").count(".base_layer")
-    if module not in modules or nest >= len(targets):
+    module = match.group("module")
+    if module not in modules:
       raise interop.AdapterFormatError(f"{folder!r}: tensor {key!r} names no stacked expert weight of this model.")
-    experts.setdefault((modules[module], targets[len(targets) - 1 - nest]), {})[match.group("kind")] = tensor
+    experts.setdefault((modules[module], match.group("nest")), {})[match.group("kind")] = tensor
   adapters = {}
-  for (module, name), pair in experts.items():
+  for (module, _), pair in experts.items():
+    if set(pair) != {"A", "B"}:
+      raise interop.AdapterFormatError(f"{folder!r}: {module} has lora_{set('AB') - set(pair)} missing.")
+    # (experts, out, in) of gate_up_proj is (E, 2I, H), of down_proj (E, H, I): B's out and A's in tell them apart
+    fits = [n for n in targets if flat[f"{module}/{n}"].shape[-2:] == (pair["B"].shape[0], pair["A"].shape[-1])]
+    if len(fits) != 1:
+      raise interop.AdapterFormatError(f"{folder!r}: the factors {pair['A'].shape}, {pair['B'].shape} of {module} fit "
+                                       f"none of target_parameters {list(targets)}.")
+    name = fits[0]
     shape = flat[f"{module}/{name}"].shape
     a, b = from_peft(pair["A"], pair["B"], shape[-3])
     if a.shape != (shape[-3], shape[-1], cfg.rank) or b.shape != (shape[-3], cfg.rank, shape[-2]):

@@ -2,10 +2,11 @@
 Qwen3-MoE) in Flax linen with Hugging Face names.
 
 One module covers the family through config switches: grouped-query attention (`num_key_value_heads`),
-`head_dim` independent of hidden_size / heads, rotary embeddings in the rotate-half layout ("default",
-"linear" and Llama 3's "llama3" `rope_scaling`), biases on q/k/v (Qwen2) or on every projection
-(`attention_bias`), Qwen3's RMS norms of each query / key head (`q_norm`, `k_norm`, over head_dim, before
-RoPE), Mistral's / Qwen2's / Qwen3's sliding-window attention, and a tied or untied output head.
+`head_dim` independent of hidden_size / heads, rotary embeddings in the rotate-half layout (every `rope_scaling`
+type of `peftjax.models.rope`: default, linear, llama3, dynamic, yarn, longrope, proportional), biases on q/k/v
+(Qwen2) or on every projection (`attention_bias`), Qwen3's RMS norms of each query / key head (`q_norm`, `k_norm`,
+over head_dim, before RoPE), Mistral's / Qwen2's / Qwen3's sliding-window attention, and a tied or untied output
+head.
 RMS norms compute their statistics in float32; the MLP is down_proj(silu(gate_proj x) * up_proj x), or in
 Mixtral's and Qwen3-MoE's sparse layers `peftjax.models.moe.SparseMoeBlock` (``mlp/gate`` router, stacked
 ``mlp/experts/gate_up_proj`` and ``down_proj``; Qwen3-MoE picks those layers by `decoder_sparse_step` and
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -47,7 +47,7 @@ import numpy as np
 
 from peftjax import tree as ptree
 from peftjax.dropout import Dropout
-from peftjax.models import decoding, gguf, hf_io, layers, moe
+from peftjax.models import decoding, gguf, hf_io, layers, moe, rope
 from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -59,7 +59,7 @@ USE_SLIDING_WINDOW = ("qwen2", "qwen3", "qwen3_moe")
 PER_LAYER_WINDOW = ("qwen2", "qwen3")
 QK_NORM = ("qwen3", "qwen3_moe")
 MOE = ("mixtral", "qwen3_moe")
-ROPE_TYPES = ("default", "linear", "llama3")
+ROPE_TYPES = rope.ROPE_TYPES
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # `task` -> the suffix of transformers' class name (LlamaForCausalLM, MistralForSequenceClassification, ...).
 TASK_SUFFIXES = {"causal_lm": "ForCausalLM", "sequence_classification": "ForSequenceClassification"}
@@ -139,7 +139,8 @@ class LlamaConfig:
                        f"num_key_value_heads={self.num_key_value_heads}.")
     if isinstance(self.eos_token_id, list):
       set_("eos_token_id", tuple(self.eos_token_id))
-    set_("rope_scaling", _rope_scaling(self.rope_scaling, self.max_position_embeddings))
+    set_("rope_scaling", rope.parse_scaling(self.rope_scaling, self.max_position_embeddings, self.head_dim,
+                                            "LlamaConfig.rope_scaling"))
     if self.model_type == "llama" and self.sliding_window is not None:
       raise ValueError(f"LlamaConfig.sliding_window={self.sliding_window} is a Mistral / Qwen2 setting; "
                        "use model_type 'mistral' or 'qwen2', or sliding_window=None.")
@@ -206,10 +207,7 @@ class LlamaConfig:
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in names}
     if "num_experts" in hf and hf.get("model_type") in MOE:  # Qwen3-MoE's name
       kwargs.setdefault("num_local_experts", hf["num_experts"])
-    rope = dict(hf.get("rope_parameters") or {})
-    if rope:
-      kwargs["rope_theta"] = rope.pop("rope_theta", hf.get("rope_theta", cls.rope_theta))
-      kwargs["rope_scaling"] = rope
+    kwargs["rope_theta"], kwargs["rope_scaling"] = rope.from_hf(hf, cls.rope_theta)
     return cls(**kwargs, id2label=hf_io.id2label_from_hf(hf))
 
   def to_hf(self, task: str = "causal_lm") -> dict:
@@ -243,53 +241,19 @@ class LlamaConfig:
     return hf
 
 
-def _rope_scaling(scaling, max_position_embeddings: int):
-  """Hugging Face rope_scaling (dict or pairs) -> sorted pairs with 'rope_type', or None for plain RoPE."""
-  if not scaling:
-    return None
-  scaling = dict(scaling)
-  rope_type = scaling.pop("type", None) or scaling.get("rope_type", "default")
-  scaling["rope_type"] = rope_type
-  if rope_type not in ROPE_TYPES:
-    raise ValueError(f"LlamaConfig.rope_scaling rope_type={rope_type!r} is not supported; valid: {ROPE_TYPES}.")
-  if scaling.get("partial_rotary_factor", 1.0) != 1.0:
-    raise ValueError(f"LlamaConfig.rope_scaling partial_rotary_factor={scaling['partial_rotary_factor']} is not "
-                     "supported; valid: 1.0.")
-  if rope_type == "default":
-    return None
-  if rope_type == "llama3":
-    scaling.setdefault("original_max_position_embeddings", max_position_embeddings)
-  required = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor")}[rope_type]
-  missing = [key for key in required if key not in scaling]
-  if missing:
-    raise ValueError(f"LlamaConfig.rope_scaling of rope_type {rope_type!r} needs {list(required)}; missing {missing}.")
-  return tuple(sorted(scaling.items()))
+def rope_inv_freq(config: LlamaConfig, position_ids: jax.Array) -> tuple[jax.Array, float]:
+  """(inv_freq (head_dim // 2,), attention_scaling) of a call over `position_ids`, with the config's rope_scaling
+  (`peftjax.models.rope.call_inv_freq`: dynamic / longrope depend on the call's longest position)."""
+  return rope.call_inv_freq(position_ids, config.head_dim, config.rope_theta, config.rope_scaling,
+                            config.max_position_embeddings)
 
 
-def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-  """Rotary inverse frequencies (head_dim // 2,) float32, with the config's rope_scaling applied."""
-  dim = config.head_dim
-  inv_freq = 1.0 / config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
-  scaling = dict(config.rope_scaling or {})
-  if scaling.get("rope_type") == "linear":
-    inv_freq = inv_freq / scaling["factor"]
-  elif scaling.get("rope_type") == "llama3":
-    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-    old_context = scaling["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
-    smooth = (old_context / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
-    inv_freq = np.where(medium, smoothed, scaled)
-  return inv_freq.astype(np.float32)
-
-
-def rotary(position_ids: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
-  """cos, sin (batch, length, head_dim) in float32 for the rotate-half layout."""
+def rotary(position_ids: jax.Array, inv_freq, attention_scaling: float = 1.0) -> tuple[jax.Array, jax.Array]:
+  """cos, sin (batch, length, head_dim) in float32 for the rotate-half layout, each times attention_scaling
+  (YaRN's / LongRoPE's attention factor, as transformers)."""
   freqs = position_ids[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
   emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb), jnp.sin(emb)
+  return jnp.cos(emb) * attention_scaling, jnp.sin(emb) * attention_scaling
 
 
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -447,7 +411,7 @@ class LlamaModel(nn.Module):
 
   def __call__(self, embeddings, position_ids, masks, prefix_kv, cache, cache_index, deterministic: bool):
     """Final hidden states (batch, length, hidden) and the updated cache (None without one)."""
-    rope = rotary(position_ids, rope_inv_freq(self.config))
+    rope = rotary(position_ids, *rope_inv_freq(self.config, position_ids))
     sliding = self.config.sliding_layers
     x = embeddings
     if self.scan_layers:
