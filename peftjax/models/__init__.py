@@ -15,6 +15,9 @@ FAMILIES = {
     "llama": "peftjax.models.llama",
     "mistral": "peftjax.models.llama",
     "qwen2": "peftjax.models.llama",
+    "qwen3": "peftjax.models.llama",
+    "mixtral": "peftjax.models.llama",
+    "qwen3_moe": "peftjax.models.llama",
     "gemma2": "peftjax.models.gemma",
     "gemma3_text": "peftjax.models.gemma",
 }

@@ -3,10 +3,11 @@
 `read(path)` gives a Hugging Face config.json-style dict and {Hugging Face tensor name: float32 array},
 which `peftjax.models.llama.from_pretrained` turns into (model, params); `load_tokenizer(path)` builds
 the transformers tokenizer stored in the file.  Architectures: "llama" (llama.cpp also stores Mistral
-and SmolLM as llama; their sliding window, if any, is not recorded and so not applied), "qwen2", and "gemma2" /
-"gemma3" (text only), which `peftjax.models.gemma.from_pretrained` loads: their RMS norm weights are stored as
-w + 1 (`read` subtracts 1), their Q/K rows are not permuted, and what llama.cpp hard-codes rather than records
-(the layer pattern, Gemma 3's local RoPE base 10000, query_pre_attn_scalar) takes llama.cpp's values.
+and SmolLM as llama; their sliding window, if any, is not recorded and so not applied), "qwen2", "qwen3" (with
+its per-head q/k norms, `attn_q_norm` / `attn_k_norm`), and "gemma2" / "gemma3" (text only), which
+`peftjax.models.gemma.from_pretrained` loads: their RMS norm weights are stored as w + 1 (`read` subtracts 1),
+their Q/K rows are not permuted, and what llama.cpp hard-codes rather than records (the layer pattern, Gemma 3's
+local RoPE base 10000, query_pre_attn_scalar) takes llama.cpp's values.
 
 Quantised tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantised with gguf-py to float32, so the
 weights equal the quantised model's, not the original bf16 ones; `read_blocks` gives the Q4_0 / Q4_1 / Q8_0
@@ -26,7 +27,7 @@ import types
 
 import numpy as np
 
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "gemma2": "gemma2", "gemma3": "gemma3_text"}
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3_text"}
 _PERMUTED_QK = ("llama",)
 _GEMMA = ("gemma2", "gemma3")  # norms stored as w + 1; llama.cpp's 27B models scale queries by hidden / heads
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -44,13 +45,15 @@ _LAYER_TENSORS = {
 }
 # Gemma's four norms per layer and q/k norms (llama's ffn_norm is Gemma's pre_feedforward_layernorm).
 _GEMMA_LAYER_TENSORS = {
-    **_LAYER_TENSORS,
     "ffn_norm": "pre_feedforward_layernorm",
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
 }
+# Tensors only some architectures have: {architecture: {llama.cpp name: Hugging Face module}}.
+_ARCH_LAYER_TENSORS = {"qwen3": {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+                       "gemma2": _GEMMA_LAYER_TENSORS, "gemma3": _GEMMA_LAYER_TENSORS}
 _ROPE_FREQS = "rope_freqs.weight"
 
 
@@ -69,18 +72,18 @@ def find(path: str) -> str | None:
 
 
 def hf_name(gguf_name: str, arch: str = "llama") -> str:
-  """llama.cpp tensor name -> Hugging Face name: 'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'
-  (`arch` the file's general.architecture: Gemma's norms have names of their own)."""
-  names = _GEMMA_LAYER_TENSORS if arch in _GEMMA else _LAYER_TENSORS
+  """llama.cpp tensor name of an `arch` file (its general.architecture) -> Hugging Face name:
+  'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'."""
+  layer_tensors = {**_LAYER_TENSORS, **_ARCH_LAYER_TENSORS.get(arch, {})}
   layer = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
-  if layer and layer.group(2) in names:
-    return f"model.layers.{layer.group(1)}.{names[layer.group(2)]}.{layer.group(3)}"
+  if layer and layer.group(2) in layer_tensors:
+    return f"model.layers.{layer.group(1)}.{layer_tensors[layer.group(2)]}.{layer.group(3)}"
   top = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
   if top and top.group(1) in _GLOBAL_TENSORS:
     return f"{_GLOBAL_TENSORS[top.group(1)]}.{top.group(2)}"
   family = "Gemma" if arch in _GEMMA else "Llama-family"
   raise ValueError(f"GGUF tensor {gguf_name!r} has no {family} counterpart; known names: "
-                   f"{sorted(_GLOBAL_TENSORS)} and blk.N.{{{', '.join(sorted(names))}}}.")
+                   f"{sorted(_GLOBAL_TENSORS)} and blk.N.{{{', '.join(sorted(layer_tensors))}}}.")
 
 
 def unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -167,7 +170,7 @@ def config_from_metadata(reader, tensors: dict[str, np.ndarray]) -> dict:
       "rms_norm_eps": meta("attention.layer_norm_rms_epsilon", 1e-6),
       "rope_theta": meta("rope.freq_base", 10000.0),
       "tie_word_embeddings": "lm_head.weight" not in tensors,
-      "attention_bias": arch == "llama" and "model.layers.0.self_attn.q_proj.bias" in tensors,
+      "attention_bias": arch in ("llama", "qwen3") and "model.layers.0.self_attn.q_proj.bias" in tensors,
       "mlp_bias": arch == "llama" and "model.layers.0.mlp.gate_proj.bias" in tensors,
       "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
       "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),

@@ -1,11 +1,16 @@
-"""Llama-family causal language models (Llama 2/3, Mistral, Qwen2) in Flax linen with Hugging Face names.
+"""Llama-family causal language models (Llama 2/3, Mistral, Qwen2, Qwen3, and the mixture-of-experts Mixtral and
+Qwen3-MoE) in Flax linen with Hugging Face names.
 
 One module covers the family through config switches: grouped-query attention (`num_key_value_heads`),
 `head_dim` independent of hidden_size / heads, rotary embeddings in the rotate-half layout (every `rope_scaling`
 type of `peftjax.models.rope`: default, linear, llama3, dynamic, yarn, longrope, proportional), biases on q/k/v
-(Qwen2) or on every projection (`attention_bias`), Mistral's / Qwen2's sliding-window attention, and a tied or
-untied output head.
-RMS norms compute their statistics in float32; the MLP is down_proj(silu(gate_proj x) * up_proj x).
+(Qwen2) or on every projection (`attention_bias`), Qwen3's RMS norms of each query / key head (`q_norm`, `k_norm`,
+over head_dim, before RoPE), Mistral's / Qwen2's / Qwen3's sliding-window attention, and a tied or untied output
+head.
+RMS norms compute their statistics in float32; the MLP is down_proj(silu(gate_proj x) * up_proj x), or in
+Mixtral's and Qwen3-MoE's sparse layers `peftjax.models.moe.SparseMoeBlock` (``mlp/gate`` router, stacked
+``mlp/experts/gate_up_proj`` and ``down_proj``; Qwen3-MoE picks those layers by `decoder_sparse_step` and
+`mlp_only_layers`).
 
 Parameter paths mirror the PyTorch module names (``model/layers_0/self_attn/q_proj/kernel`` is
 ``model.layers.0.self_attn.q_proj.weight``) and every projection is an `nn.Dense`, so LoRA targets
@@ -22,7 +27,7 @@ Hugging Face's past_key_values) is prepended to every layer's keys and values, a
 by sliding-window layers), and the tokens' rotary positions start at n_prefix, as Hugging Face PEFT
 prefix tuning does through past_key_values.
 
-`LlamaForSequenceClassification` (transformers' Llama / Mistral / Qwen2ForSequenceClassification) puts a
+`LlamaForSequenceClassification` (transformers' Llama / Mistral / Qwen2 / Qwen3ForSequenceClassification) puts a
 bias-free ``score`` Dense on each row's last token (the rightmost one that is not config.pad_token_id, as
 transformers finds it, for either padding side).
 
@@ -42,10 +47,18 @@ import numpy as np
 
 from peftjax import tree as ptree
 from peftjax.dropout import Dropout
-from peftjax.models import decoding, gguf, hf_io, layers, rope
+from peftjax.models import decoding, gguf, hf_io, layers, moe, rope
 from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
+# The model types whose sliding window is on only with use_sliding_window, those whose layers then choose
+# sliding or full attention one by one (layer_types, max_window_layers), and those whose query / key heads are
+# RMS-normalised.
+USE_SLIDING_WINDOW = ("qwen2", "qwen3", "qwen3_moe")
+PER_LAYER_WINDOW = ("qwen2", "qwen3")
+QK_NORM = ("qwen3", "qwen3_moe")
+MOE = ("mixtral", "qwen3_moe")
 ROPE_TYPES = rope.ROPE_TYPES
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # `task` -> the suffix of transformers' class name (LlamaForCausalLM, MistralForSequenceClassification, ...).
@@ -64,12 +77,17 @@ _ACTIVATIONS = {
 class LlamaConfig:
   """Llama-family hyper-parameters under their Hugging Face names (defaults: Llama-2-7b).
 
-  `model_type` is "llama", "mistral" or "qwen2".  Qwen2 always has biases on q/k/v (not on o);
-  Llama's `attention_bias` puts biases on all four projections.  `rope_scaling` is Hugging Face's
+  `model_type` is "llama", "mistral", "qwen2", "qwen3", "mixtral" or "qwen3_moe".  Qwen2 always has biases on
+  q/k/v (not on o); Llama's and Qwen3's `attention_bias` puts biases on all four projections.  Qwen3 and
+  Qwen3-MoE normalise each query and key head (`qk_norm`).  The MoE types route each token to
+  `num_experts_per_tok` of `num_local_experts` experts (Qwen3-MoE's `num_experts`) of width
+  `moe_intermediate_size` (Mixtral: intermediate_size); Qwen3-MoE's dense layers (`moe_layers` False) keep
+  `intermediate_size`.  `rope_scaling` is Hugging Face's
   dict ({"rope_type": "llama3", "factor": 8.0, ...}); it is stored as sorted (key, value) pairs so the
-  config stays hashable.  `sliding_window` applies to every Mistral layer, and to the Qwen2 layers
+  config stays hashable.  `sliding_window` applies to every Mistral / Mixtral / Qwen3-MoE layer (Qwen3-MoE's only
+  with `use_sliding_window`), and to the Qwen2 / Qwen3 layers
   that `layer_types` marks "sliding_attention" (derived from `use_sliding_window` / `max_window_layers`
-  when not given, as transformers does); for Llama and Mistral `layer_types` is always derived.  `id2label`
+  when not given, as transformers does); for the other types `layer_types` is always derived.  `id2label`
   holds the label names of a classification checkpoint, in label order.
   """
 
@@ -98,6 +116,12 @@ class LlamaConfig:
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
   pad_token_id: int | None = None
+  num_local_experts: int = 0
+  num_experts_per_tok: int = 2
+  moe_intermediate_size: int | None = None
+  norm_topk_prob: bool = False
+  decoder_sparse_step: int = 1
+  mlp_only_layers: tuple[int, ...] = ()
   id2label: tuple[str, ...] = ()
 
   def __post_init__(self):
@@ -120,16 +144,32 @@ class LlamaConfig:
     if self.model_type == "llama" and self.sliding_window is not None:
       raise ValueError(f"LlamaConfig.sliding_window={self.sliding_window} is a Mistral / Qwen2 setting; "
                        "use model_type 'mistral' or 'qwen2', or sliding_window=None.")
-    if self.model_type == "qwen2" and not self.use_sliding_window:
-      set_("sliding_window", None)  # as transformers' Qwen2Config
-    if self.layer_types is None or self.model_type != "qwen2":  # only Qwen2 chooses per layer
-      sliding = [self.sliding_window is not None and (self.model_type != "qwen2" or i >= self.max_window_layers)
+    per_layer = self.model_type in PER_LAYER_WINDOW
+    if self.model_type in USE_SLIDING_WINDOW and not self.use_sliding_window:
+      set_("sliding_window", None)  # as transformers' Qwen2Config / Qwen3Config / Qwen3MoeConfig
+    if self.layer_types is None or not per_layer:  # only Qwen2 / Qwen3 choose per layer
+      sliding = [self.sliding_window is not None and (not per_layer or i >= self.max_window_layers)
                  for i in range(self.num_hidden_layers)]
       set_("layer_types", tuple(LAYER_TYPES[s] for s in sliding))
     set_("layer_types", tuple(self.layer_types))
     if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(LAYER_TYPES):
       raise ValueError(f"LlamaConfig.layer_types={self.layer_types!r} must list one of {LAYER_TYPES} for each of "
                        f"the {self.num_hidden_layers} layers.")
+    set_("mlp_only_layers", tuple(self.mlp_only_layers))
+    if self.moe_intermediate_size is None:
+      set_("moe_intermediate_size", self.intermediate_size)
+    if self.model_type == "mixtral" and self.moe_intermediate_size != self.intermediate_size:
+      raise ValueError(f"LlamaConfig.moe_intermediate_size={self.moe_intermediate_size} must equal intermediate_size="
+                       f"{self.intermediate_size} for Mixtral, whose experts have the MLP's width.")
+    if (self.model_type in MOE) != (self.num_local_experts > 0):
+      raise ValueError(f"LlamaConfig.num_local_experts={self.num_local_experts} does not fit model_type "
+                       f"{self.model_type!r}: the mixture-of-experts types {MOE} need at least 1 expert, the others 0.")
+    if self.decoder_sparse_step < 1:
+      raise ValueError(f"LlamaConfig.decoder_sparse_step={self.decoder_sparse_step} must be at least 1 (every "
+                       "decoder_sparse_step-th layer is sparse).")
+    if self.model_type in MOE and not 1 <= self.num_experts_per_tok <= self.num_local_experts:
+      raise ValueError(f"LlamaConfig.num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
+                       f"num_local_experts={self.num_local_experts}.")
 
   @property
   def qkv_bias(self) -> bool:
@@ -138,6 +178,22 @@ class LlamaConfig:
   @property
   def o_bias(self) -> bool:
     return self.attention_bias and self.model_type != "qwen2"
+
+  @property
+  def normalize_top_k(self) -> bool:
+    """Whether the top-k routing probabilities are renormalised to sum to 1 (always in Mixtral)."""
+    return self.model_type == "mixtral" or self.norm_topk_prob
+
+  @property
+  def moe_layers(self) -> tuple[bool, ...]:
+    """Per layer, whether its MLP is the sparse mixture of experts (as transformers' Qwen3MoeDecoderLayer picks)."""
+    return tuple(self.model_type in MOE and i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+                 for i in range(self.num_hidden_layers))
+
+  @property
+  def qk_norm(self) -> bool:
+    """Whether each query / key head is RMS-normalised over head_dim before RoPE (Qwen3)."""
+    return self.model_type in QK_NORM
 
   @property
   def sliding_layers(self) -> tuple[bool, ...]:
@@ -149,13 +205,16 @@ class LlamaConfig:
     """From a Hugging Face config.json dict (rope_theta/rope_scaling or transformers 5's rope_parameters)."""
     names = {f.name for f in dataclasses.fields(cls)} - {"id2label"}
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in names}
+    if "num_experts" in hf and hf.get("model_type") in MOE:  # Qwen3-MoE's name
+      kwargs.setdefault("num_local_experts", hf["num_experts"])
     kwargs["rope_theta"], kwargs["rope_scaling"] = rope.from_hf(hf, cls.rope_theta)
     return cls(**kwargs, id2label=hf_io.id2label_from_hf(hf))
 
   def to_hf(self, task: str = "causal_lm") -> dict:
-    """A config.json dict that transformers' Llama / Mistral / Qwen2 class for `task` (TASKS) accepts."""
+    """A config.json dict that transformers' class of this model_type for `task` (TASKS) accepts."""
     skip = {"attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types",
-            "id2label"}
+            "id2label", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+            "decoder_sparse_step", "mlp_only_layers"}
     hf = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
     if self.id2label:
       hf.update(hf_io.label_fields(self.id2label, len(self.id2label)))
@@ -164,11 +223,21 @@ class LlamaConfig:
               rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None)
     if self.model_type == "llama":
       hf.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
-    elif self.model_type == "mistral":
+    elif self.model_type in ("mistral", "mixtral"):
       hf.update(sliding_window=self.sliding_window)
+    elif self.model_type == "qwen3_moe":
+      hf.update(use_sliding_window=self.use_sliding_window, sliding_window=self.sliding_window)
     else:
       hf.update(use_sliding_window=self.use_sliding_window, sliding_window=self.sliding_window,
                 max_window_layers=self.max_window_layers, layer_types=list(self.layer_types))
+    if self.model_type in ("qwen3", "qwen3_moe"):
+      hf.update(attention_bias=self.attention_bias)
+    if self.model_type == "mixtral":
+      hf.update(num_local_experts=self.num_local_experts, num_experts_per_tok=self.num_experts_per_tok)
+    elif self.model_type == "qwen3_moe":
+      hf.update(num_experts=self.num_local_experts, num_experts_per_tok=self.num_experts_per_tok,
+                moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers))
     return hf
 
 
@@ -224,6 +293,10 @@ class LlamaAttention(nn.Module):
     self.v_proj = _dense(c.num_key_value_heads * c.head_dim, ("embed", "joined_kv"), use_bias=c.qkv_bias,
                          name="v_proj", **kw)
     self.o_proj = _dense(c.hidden_size, ("joined_kv", "embed"), use_bias=c.o_bias, name="o_proj", **kw)
+    if c.qk_norm:
+      norm = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+      self.q_norm = layers.RMSNorm(c.rms_norm_eps, name="q_norm", **norm)
+      self.k_norm = layers.RMSNorm(c.rms_norm_eps, name="k_norm", **norm)
     self.dropout = Dropout(c.attention_dropout)
 
   def __call__(self, x, cos, sin, mask, prefix_kv, cache, cache_index, deterministic: bool):
@@ -234,8 +307,11 @@ class LlamaAttention(nn.Module):
     """
     c = self.config
     batch, length = x.shape[:2]
-    query = apply_rotary(self.q_proj(x).reshape(batch, length, c.num_attention_heads, c.head_dim), cos, sin)
-    key = apply_rotary(self.k_proj(x).reshape(batch, length, c.num_key_value_heads, c.head_dim), cos, sin)
+    query = self.q_proj(x).reshape(batch, length, c.num_attention_heads, c.head_dim)
+    key = self.k_proj(x).reshape(batch, length, c.num_key_value_heads, c.head_dim)
+    if c.qk_norm:
+      query, key = self.q_norm(query), self.k_norm(key)
+    query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
     value = self.v_proj(x).reshape(batch, length, c.num_key_value_heads, c.head_dim)
     if cache is not None:
       start = (0, cache_index, 0, 0)
@@ -271,11 +347,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-  """x + self_attn(input_layernorm(x)), then + mlp(post_attention_layernorm(.)); returns (hidden, cache)."""
+  """x + self_attn(input_layernorm(x)), then + mlp(post_attention_layernorm(.)); returns (hidden, cache).
+
+  With `sparse` the mlp is the mixture of experts (`moe.SparseMoeBlock`).
+  """
 
   config: LlamaConfig
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  sparse: bool = False
 
   @nn.compact
   def __call__(self, x, rope, masks, sliding, prefix_kv, cache, cache_index, deterministic: bool):
@@ -288,8 +368,17 @@ class LlamaDecoderLayer(nn.Module):
     h, cache = LlamaAttention(c, name="self_attn", **kw)(h, *rope, mask, prefix_kv, cache, cache_index,
                                                          deterministic)
     x = x + h
-    h = LlamaMLP(c, name="mlp", **kw)(layers.RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
+    mlp = (moe.SparseMoeBlock(c, _ACTIVATIONS[c.hidden_act], name="mlp", **kw) if self.sparse
+           else LlamaMLP(c, name="mlp", **kw))
+    h = mlp(layers.RMSNorm(c.rms_norm_eps, name="post_attention_layernorm", **kw)(x))
     return x + h, cache
+
+
+def check_scannable(config: LlamaConfig) -> None:
+  """Raises ValueError unless the layers are all alike (all dense or all mixture of experts), as nn.scan needs."""
+  if len(set(config.moe_layers)) > 1:
+    raise ValueError(f"scan_layers needs layers of one kind, but config.moe_layers is {config.moe_layers} "
+                     "(Qwen3-MoE's decoder_sparse_step / mlp_only_layers); use scan_layers=False.")
 
 
 class LlamaModel(nn.Module):
@@ -309,13 +398,15 @@ class LlamaModel(nn.Module):
     layer = LlamaDecoderLayer
     if self.remat:  # static_argnums counts self as 0: `deterministic` is argument 8
       layer = nn.remat(layer, static_argnums=(8,), prevent_cse=not self.scan_layers)
+    sparse = c.moe_layers
     if self.scan_layers:
+      check_scannable(c)
       layer = nn.scan(layer, variable_axes={True: 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=(nn.broadcast, nn.broadcast, 0, 0, 0, nn.broadcast, nn.broadcast),
                       length=c.num_hidden_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      self.layers = layer(c, name="layers", **kw)
+      self.layers = layer(c, name="layers", sparse=sparse[0], **kw)
     else:
-      self.layers = [layer(c, name=f"layers_{i}", **kw) for i in range(c.num_hidden_layers)]
+      self.layers = [layer(c, name=f"layers_{i}", sparse=sparse[i], **kw) for i in range(c.num_hidden_layers)]
     self.norm = layers.RMSNorm(c.rms_norm_eps, name="norm", **kw)
 
   def __call__(self, embeddings, position_ids, masks, prefix_kv, cache, cache_index, deterministic: bool):
@@ -482,7 +573,8 @@ def unstack_layers(tree: Mapping[str, Any]) -> dict:
 def from_pretrained(path_or_hub_id: str, dtype=None, scan_layers: bool = False, remat: bool = False,
                     task: str | None = None, num_labels: int | None = None,
                     rng: jax.Array | None = None) -> tuple[nn.Module, dict]:
-  """(model, params) from a Hugging Face Llama / Mistral / Qwen2 folder or hub id, or a GGUF file.
+  """(model, params) from a Hugging Face Llama / Mistral / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE folder or hub id,
+  or a GGUF file.
 
   A folder holds config.json + model.safetensors (or sharded safetensors with an index); a `.gguf` file,
   or a folder holding exactly one and no config.json, is read with `peftjax.models.gguf` (dequantised).
@@ -497,7 +589,7 @@ def from_pretrained(path_or_hub_id: str, dtype=None, scan_layers: bool = False, 
     hf_config, state = gguf.read(gguf_path)
   else:
     folder = hf_io.resolve(path_or_hub_id)
-    hf_config, state = hf_io.read_config(folder), hf_io.read_state_dict(folder)
+    hf_config, state = hf_io.read_config(folder), moe.fuse_experts(hf_io.read_state_dict(folder))
   config = LlamaConfig.from_hf(hf_config)
   dtype = jnp.dtype(dtype or jnp.float32)
   model = layers.build(layers.model_class(hf_config, task, TASKS), config, num_labels, dtype)
@@ -506,16 +598,21 @@ def from_pretrained(path_or_hub_id: str, dtype=None, scan_layers: bool = False, 
                                       rng, dtype=dtype)
   if scan_layers or remat:
     model = model.clone(scan_layers=scan_layers, remat=remat)
+  if scan_layers:
+    check_scannable(config)
   return model, stack_layers(params) if scan_layers else params
 
 
 def save_pretrained(model: nn.Module, params: dict, folder: str) -> None:
-  """Writes config.json + model.safetensors that transformers' Llama / Mistral / Qwen2 class of the model's task
-  loads."""
+  """Writes config.json + model.safetensors that transformers' class of the model's model_type and task loads
+  (MoE experts one tensor per expert, as transformers writes them)."""
   if model.scan_layers:
     params = unstack_layers(params)
   task = next(task for task, cls in TASKS.items() if isinstance(model, cls))
-  hf_io.write_folder(folder, layers.hf_config(model, model.config.to_hf(task)), hf_io.state_dict_from_params(params))
+  state = hf_io.state_dict_from_params(params)
+  if model.config.model_type in moe.FILE_NAMES:
+    state = moe.split_experts(state, model.config.model_type)
+  hf_io.write_folder(folder, layers.hf_config(model, model.config.to_hf(task)), state)
 
 
 def generate(model: LlamaForCausalLM, params: Any, input_ids: jax.Array, attention_mask: jax.Array | None = None,
