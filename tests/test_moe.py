@@ -171,6 +171,13 @@ def test_lora_and_trained_router_with_peft_both_ways(checkpoints, variant, tmp_p
   peft_model = peft.PeftModel.from_pretrained(_load_torch(folder, variant), str(tmp_path / "ours")).eval()
   assert _max_diff(_torch_logits(peft_model, RIGHT), ours, mask) < 1e-4
 
+  all_linear = peft.get_peft_model(_load_torch(folder, variant), peft.LoraConfig(target_modules="all-linear"))
+  peft_all = {name.removeprefix("base_model.model.") for name, m in all_linear.named_modules() if hasattr(m, "lora_A")}
+  our_all = {pj.tree.hf_name(p) for p in pj.tree.match_targets(params, "all-linear")}
+  # PEFT's all-linear adapts the routers too (target_parameters gate.weight), and the stacked experts, which ours
+  # leaves to ExpertLoraConfig; (ours also takes a dense layer's MLP, which peft 0.21.2 leaves out on Qwen3-MoE)
+  assert {n for n in peft_all - our_all if ".mlp.experts" not in n} == set() and any(".mlp.gate" in n for n in our_all)
+
   peft_model = peft.get_peft_model(_load_torch(folder, variant), peft.LoraConfig(
       task_type="CAUSAL_LM", r=4, lora_alpha=8, target_modules=list(targets), modules_to_save=["gate"])).eval()
   with torch.no_grad():
