@@ -359,7 +359,10 @@ class GemmaModel(nn.Module):
 def attention_masks(config: GemmaConfig, attention_mask, query_length: int, cache_index, n_prefix: int):
   """`llama.attention_masks`, except that in the sliding layers a prefix slot j (prefix tuning's keys, slots 0..k-1
   in front of the tokens) stays visible only to queries fewer than `sliding_window` positions after it, as
-  transformers' sliding window treats keys that PEFT puts in a past_key_values cache."""
+  transformers' sliding window treats keys that PEFT puts in a past_key_values cache.  Distances count slots, padding
+  included (as transformers' cache positions do), so left padding between the prefix and a row's tokens moves the
+  prefix out of that row's window sooner; `generate`'s bucket padding therefore changes prefix-tuned rows shorter
+  than the bucket when the window is shorter than prefix + prompt."""
   full, windowed = llama.attention_masks(config, attention_mask, query_length, cache_index, n_prefix)
   if n_prefix and windowed is not None:
     query_positions = n_prefix + cache_index + jnp.arange(query_length)[:, None]
