@@ -19,7 +19,8 @@ Where the virtual tokens go (shared with P-tuning, `peftjax.methods.p_tuning`):
   positions count real tokens only, after the k virtual ones, so left padding does not change a row's
   result (PEFT's generate drops position_ids for prompt methods, so its left-padded positions count the
   padding) -- except on Gemma's sliding-window layers, whose window counts padding slots between the virtual
-  tokens and the row, as transformers' does (`peftjax.models.gemma.attention_masks`).  T5's encoder gets the virtual tokens; `decode` / `decode_step` see the extended encoder mask.
+  tokens and the row, as transformers' does (`peftjax.models.gemma.attention_masks`).  T5's encoder gets the
+  virtual tokens; `decode` / `decode_step` see the extended encoder mask.
 - `placeholder_token_id` set (P-tuning templates): the caller writes that id at the places where virtual
   tokens go, and the j-th placeholder of a row gets virtual token j; each row holds exactly k
   placeholders (or none, e.g. decoder inputs and generated tokens).  The id needs no vocabulary entry
