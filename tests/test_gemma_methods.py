@@ -1,7 +1,7 @@
 """The PEFT methods on Gemma 2 / Gemma 3 against the real peft (0.21.2 on transformers 5.23.0): prompt tuning
 through PEFT folders both ways (the real tokens carry Gemma's sqrt(hidden) embedding scale, the virtual tokens do
 not), P-tuning, prefix tuning / P-tuning v2 (soft-capping, query scaling and a sliding window shorter than the
-prefixes plus tokens), IA3 with peft's Gemma defaults, and bf16 compute."""
+prefixes plus tokens), IA3 with peft's Gemma defaults, bf16 compute, and cached generation with prompt methods."""
 
 from __future__ import annotations
 
@@ -172,3 +172,27 @@ def test_bf16_logits_stay_close_and_a_lora_step_trains(folders):
   assert all(g.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
   stepped = jax.tree.map(lambda a, g: a - 0.5 * g, adapters, grads)
   assert float(loss_and_grads(stepped)[0]) < float(loss) - 1e-2
+
+
+@pytest.mark.slow  # two generate compilations and six full forward passes
+def test_cached_generation_equals_full_forward_passes(folders):
+  """Gemma 3 (4-token window): greedy generate through the KV cache with prompt tuning (virtual tokens enter at the
+  prefill) and P-tuning v2 (prefixes leave the window as the tokens advance) equals full forward passes over the
+  growing rows.  The 16-token prompts fill generate's bucket, whose extra left padding would otherwise count in the
+  window (`gemma.attention_masks`)."""
+  model, params = gemma.from_pretrained(folders["gemma3"])
+  ids = np.concatenate([np.full((3, 7), 5), LEFT["input_ids"]], 1)
+  mask = np.concatenate([np.ones((3, 7), np.int64), LEFT["attention_mask"]], 1)
+  ids[1:, :7], mask[1:, :7] = 0, 0  # row 0: 16 real tokens; rows 1, 2: left padded
+  for cfg in (prompt_tuning.PromptTuningConfig(K), prefix_tuning.PTuningV2Config(K)):
+    adapters = pj.init(cfg, jax.random.key(1), params)
+    adapted = pj.apply(cfg, model.apply)
+    tokens = np.asarray(gemma.generate(model, (params, adapters), ids, mask, max_new_tokens=3, eos_token_id=-1,
+                                       apply_fn=lambda p, *a, **kw: adapted(p[0], p[1], *a, **kw)))
+    rows, row_mask, expected = ids, mask, []
+    for _ in range(3):
+      positions = np.maximum(np.cumsum(row_mask, axis=1) - 1, 0)
+      expected.append(np.argmax(np.asarray(adapted(params, adapters, rows, row_mask, positions))[:, -1], axis=-1))
+      rows = np.concatenate([rows, expected[-1][:, None]], 1)
+      row_mask = np.concatenate([row_mask, np.ones_like(row_mask[:, :1])], 1)
+    np.testing.assert_array_equal(tokens, np.stack(expected, 1))
