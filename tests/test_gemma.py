@@ -9,6 +9,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import peft
 import pytest
@@ -259,8 +260,10 @@ def test_config_round_trip_and_errors(checkpoints):
     gemma.GemmaConfig(num_hidden_layers=2, layer_types=("full_attention",))
   from train import validate
   from test_train import load_config
-  with pytest.raises(ValueError, match="config.method='prompt_tuning' is not supported for config.family='gemma'"):
-    validate.check_sections(load_config("lora_gemma", method="prompt_tuning"))  # no sqrt(hidden) on its embeddings
+  for method in ("prompt_tuning", "p_tuning"):  # test_gemma_methods: they match peft on Gemma
+    config = load_config("lora_gemma", method=method)
+    config.prompt = ml_collections.ConfigDict(dict(num_virtual_tokens=4))
+    validate.check_sections(config)
 
 
 def test_lora_folders_both_ways_with_peft(checkpoints, tmp_path):

@@ -154,6 +154,9 @@ NO_TORCH = {"PYTHONPATH": str(pathlib.Path(__file__).parent / "no_torch")}
     ("lora_gpt2", ["--config.model_shape.n_embd=32", "--config.model_shape.n_layer=1",
                    "--config.model_shape.n_head=2"]),
     ("lora_llama", []),  # the real SmolLM2 GGUF: model and tokenizer from the file
+    ("lora_gemma", ["--config.model=random", *(f"--config.model_shape.{k}={v}" for k, v in dict(
+        vocab_size=49152, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+        head_dim=16, query_pre_attn_scalar=16, sliding_window=4).items())]),  # a tiny random Gemma 3
 ])
 def test_configs_run_without_torch(tmp_path, name, overrides):
   blocked = subprocess.run([sys.executable, "-c", "import importlib.util as u, transformers.utils as t; "

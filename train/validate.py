@@ -57,10 +57,6 @@ def check_sections(config: ml_collections.ConfigDict) -> None:
   task = tasks.family(config).task
   data_files.check_task(task.kind, config.task)
   data_files.settings(config)
-  if config.family == "gemma" and config.method in PACKING_REFUSED:  # they embed the tokens from the raw table
-    raise ValueError(f"config.method={config.method!r} is not supported for config.family='gemma' yet: it would feed "
-                     "the token embeddings without Gemma's sqrt(hidden_size) scale; use config.method='lora', 'dora' "
-                     "or 'full'.")
   methods.check(config)
   if config.optimizer.decay not in steps.DECAYS:
     raise ValueError(f"config.optimizer.decay={config.optimizer.decay!r} is not a known schedule; "

@@ -43,6 +43,8 @@ DEFAULTS = {
     "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
     "mistral": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
     "qwen2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma2": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
+    "gemma3_text": (("q_proj", "v_proj", "down_proj"), ("down_proj",)),
 }
 
 

@@ -5,6 +5,8 @@ PEFT, an encoder-decoder (T5) gets rows = 2k (PEFT's num_transformer_submodules=
 reads the first k; other models get rows = k.  Initialisations (PEFT's PromptTuningInit): "random"
 (N(0, 1), torch's Embedding init), "sample_vocab" (rows of the word embeddings at random token ids) and
 "text" (the word embeddings of `init_text` tokenised by `tokenizer`, ids repeated or cut to the rows).
+On Gemma, as PEFT on transformers' Gemma (whose embedding module scales by sqrt(hidden_size)), the real tokens
+and the sampled / text rows carry that scale while the trained virtual tokens enter the layers as they are.
 
 Where the virtual tokens go (shared with P-tuning, `peftjax.methods.p_tuning`):
 - `placeholder_token_id` None (PEFT): k positions are prepended to every sequence, in front of any
@@ -16,7 +18,9 @@ Where the virtual tokens go (shared with P-tuning, `peftjax.methods.p_tuning`):
   cache at the prefill: a `decode` call whose cache is as long as its attention mask); the tokens'
   positions count real tokens only, after the k virtual ones, so left padding does not change a row's
   result (PEFT's generate drops position_ids for prompt methods, so its left-padded positions count the
-  padding).  T5's encoder gets the virtual tokens; `decode` / `decode_step` see the extended encoder mask.
+  padding) -- except on Gemma's sliding-window layers, whose window counts padding slots between the virtual
+  tokens and the row, as transformers' does (`peftjax.models.gemma.attention_masks`).  T5's encoder gets the
+  virtual tokens; `decode` / `decode_step` see the extended encoder mask.
 - `placeholder_token_id` set (P-tuning templates): the caller writes that id at the places where virtual
   tokens go, and the j-th placeholder of a row gets virtual token j; each row holds exactly k
   placeholders (or none, e.g. decoder inputs and generated tokens).  The id needs no vocabulary entry
@@ -40,13 +44,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import tree as ptree
-from peftjax.models import bert, gpt2, llama, t5
+from peftjax.models import bert, gemma, gpt2, llama, t5
 
 COLLECTION = "prompt_tuning"
 INITS = ("random", "sample_vocab", "text")
 # The module names of the word embeddings (T5, GPT-2, Llama, BERT/RoBERTa).
 WORD_EMBEDDINGS = ("shared", "wte", "embed_tokens", "word_embeddings")
-DECODERS = (gpt2.GPT2LMHeadModel, llama.LlamaForCausalLM)
+DECODERS = (gpt2.GPT2LMHeadModel, llama.LlamaForCausalLM, gemma.GemmaForCausalLM)
+# Models whose word embeddings are scaled by sqrt(hidden_size) inside the embedding (transformers' Gemma
+# ScaledWordEmbedding): PEFT's word_embeddings(ids) includes the scale for the real tokens and the sampled /
+# text initialisations, while the trained virtual tokens enter as they are.
+SCALED_EMBEDDINGS = tuple(gemma.TASKS.values())
 
 
 def check_virtual_tokens(name: str, num_virtual_tokens: int, num_transformer_submodules: int | None) -> None:
@@ -89,6 +97,11 @@ def word_embeddings(params: ptree.Tree) -> jax.Array:
                    f"'embedding' leaf); found e.g. {sorted(flat)[:3]}.")
 
 
+def embedding_scale(params: ptree.Tree) -> float:
+  """The factor the model's own embedding applies to the table rows: sqrt(hidden_size) for Gemma, else 1."""
+  return float(word_embeddings(params).shape[1]) ** 0.5 if gemma.is_gemma(params) else 1.0
+
+
 def is_encoder_decoder(params: ptree.Tree) -> bool:
   return "encoder" in params and "decoder" in params
 
@@ -115,7 +128,8 @@ def init(cfg: PromptTuningConfig, rng: jax.Array, params: ptree.Tree) -> dict:
   else:
     ids = (jax.random.randint(rng, (rows,), 0, table.shape[0]) if cfg.init == "sample_vocab"
            else text_token_ids(cfg.init_text, cfg.tokenizer, rows))
-    prompts = jnp.asarray(table)[ids].astype(jnp.float32)
+    sampled = jnp.asarray(table)[ids]
+    prompts = (sampled * jnp.asarray(embedding_scale(params), sampled.dtype)).astype(jnp.float32)
   return {"prompt_embeddings": prompts}
 
 
@@ -155,11 +169,13 @@ def _count_placeholders(ids: jax.Array, placeholder: int, k: int) -> None:
 
 
 def _placeholder_interceptor(prompts: jax.Array, placeholder: int):
-  """Replaces the word embedding of each placeholder id by the next virtual token of its row."""
+  """Replaces the word embedding of each placeholder id by the next virtual token of its row (on Gemma after
+  the sqrt(hidden_size) scale, so that the virtual tokens enter unscaled as when they are prepended)."""
   k = prompts.shape[0]
 
   def interceptor(next_fun, args, kwargs, context):
-    if context.method_name != "__call__" or context.module.name not in WORD_EMBEDDINGS:
+    scaled = isinstance(context.module, gemma.GemmaModel) and context.method_name == "embed"
+    if not scaled and (context.method_name != "__call__" or context.module.name not in WORD_EMBEDDINGS):
       return next_fun(*args, **kwargs)
     ids = args[0] if args else kwargs["inputs"]
     _count_placeholders(ids, placeholder, k)
@@ -175,7 +191,10 @@ def _prepend(prompts: jax.Array, table: jax.Array, module, method: str, args: di
   k = prompts.shape[0]
 
   def embeds(ids_name: str, embeds_name: str):
-    tokens = table[args[ids_name]] if args.get(embeds_name) is None else args[embeds_name]
+    tokens = args.get(embeds_name)
+    if tokens is None:  # the model's own embedding: Gemma's scales the table rows by sqrt(hidden_size)
+      ids = args[ids_name]
+      tokens = module.model.embed(ids) if isinstance(module, SCALED_EMBEDDINGS) else table[ids]
     args[ids_name] = None
     args[embeds_name] = _front(tokens, k, prompts[None])
 
