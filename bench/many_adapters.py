@@ -4,12 +4,15 @@ query and value, fp32:
 1. mixed batch: forward tokens/s of a batch whose rows use 8 different adapters (`peftjax.stacked_lora`) vs the
    same batch with one adapter (`pj.apply`), beside Hugging Face PEFT's `adapter_names=` forward on PyTorch with
    the same mix vs its single-adapter forward;
-2. sweep: K=8 members (other seeds and learning rates) trained in one compiled step (`train.sweep`) vs the same 8
-   single-adapter steps one after another, per-member batch 1 / 4 / 16: aggregate training tokens/s and the
-   compiled step's temporary memory (XLA's memory analysis);
+2. sweep: K=8 members (other seeds and learning rates) trained in one compiled step (`train.sweep`; all 8 members
+   in one pass over the base, and one member per pass, `members_per_pass=1`) vs the same 8 single-adapter steps one
+   after another, per-member batch 1 / 4 / 16: aggregate training tokens/s (wall and per CPU-second) and the
+   compiled step's peak memory (XLA's memory analysis); `--profile` adds each step's op time per kind (dots,
+   elementwise / reduce, copies / transposes) from a jax.profiler trace;
 3. hotswap: putting another adapter into a compiled forward's slot and running it vs a fresh compilation.
 
-`python bench/many_adapters.py` (`--seq 128 --repeats 5 --batches 1,4,16`; needs the `[test]` extra).
+`python bench/many_adapters.py` (`--seq 128 --repeats 5 --batches 1,4,16 --parts mixed,sweep,hotswap --profile`;
+needs the `[test]` extra; on a shared machine pin it to one core, `taskset -c 1`).
 """
 
 from __future__ import annotations
@@ -236,17 +239,16 @@ def main():
       one = mixed["peftjax one adapter" if name.startswith("peftjax") else "PEFT one adapter"]
       print(f"| {name} | {tps:,.0f} | {tps / one:.2f}x |", flush=True)
   if "sweep" in parts:
-    table = []
+    print(f"\nK={K} sweep in one step vs {K} single steps one after another, training tokens/s (all members; "
+          "wall and per process CPU-second), compiled peak MiB (arguments + outputs + temporaries; the sweep holds "
+          "one base, each single run its own)")
+    print("| per-member batch | | tokens/s | vs single steps | tokens/CPU-s | vs single steps | peak MiB |")
+    print("|---|---|---|---|---|---|---|", flush=True)
     for b in map(int, args.batches.split(",")):
       r = sweep_vs_sequential(model, params, b, args.seq, args.repeats, args.profile)
       base = r[f"{K} single steps"]
-      table += [f"| {b} | {name} | {w:,.0f} | {w / base[0]:.2f}x | {c:,.0f} | {c / base[1]:.2f}x | {p:.0f} |"
-                for name, (w, c, p) in r.items()]
-    print(f"\nK={K} sweep in one step vs {K} single steps one after another, training tokens/s (all members; "
-          "wall and per process CPU-second), compiled peak MiB (the sweep's: one base; a single step's: per process)")
-    print("| per-member batch | | tokens/s | vs single steps | tokens/CPU-s | vs single steps | peak MiB |")
-    print("|---|---|---|---|---|---|---|")
-    print("\n".join(table), flush=True)
+      for name, (w, c, p) in r.items():
+        print(f"| {b} | {name} | {w:,.0f} | {w / base[0]:.2f}x | {c:,.0f} | {c / base[1]:.2f}x | {p:.0f} |", flush=True)
   if "hotswap" in parts:
     swap = hotswap(model, params, args.seq)
     print("\nhotswap, batch 4:\n| | seconds |\n|---|---|")
