@@ -4,7 +4,8 @@ The members are stacked as `peftjax.stacked_lora` stacks adapters (ranks zero-pa
 member's scaling alpha / rank is data, not a constant), every batch is repeated once per member with the rows
 of copy k adapted by member k (`stacked_lora.apply_grouped`: one batched matmul per layer over the members), and one
 forward / backward pass over the frozen base computes every member's loss: member k's gradient lands only in its
-own slot.  The optimizer runs `jax.vmap`ped over the members'
+own slot.  With `make_step(..., members_per_pass=m)` the members go m at a time, one pass after another inside
+the compiled step, so only m members' activations are held at once.  The optimizer runs `jax.vmap`ped over the members'
 slots and optimizer states, with each member's learning rate injected (`optax.inject_hyperparams`); the padded
 rank columns are masked out of every update, so a member of rank r trains exactly its r columns.
 
