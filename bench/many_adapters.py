@@ -175,7 +175,8 @@ def _op_kinds(hlo: str) -> dict[str, str]:
 
 
 def op_profile(name: str, run, hlo: str, calls: int = 2) -> None:
-  """Traces `calls` runs (jax.profiler) and prints the summed duration of the compiled step's HLO ops per kind."""
+  """Traces `calls` runs (jax.profiler) and prints (to stderr, beside the tables) the summed duration of the
+  compiled step's HLO ops per kind."""
   import collections
   import glob
   import tempfile
@@ -193,7 +194,8 @@ def op_profile(name: str, run, hlo: str, calls: int = 2) -> None:
         for event in line.events:
           if event.name in kinds:
             per_kind[kinds[event.name]] += event.duration_ns / calls / 1e6
-  print(f"  profile, {name}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in per_kind.most_common()), flush=True)
+  print(f"  profile, {name}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in per_kind.most_common()),
+        file=sys.stderr, flush=True)
 
 
 def hotswap(model, params, seq: int) -> dict[str, float]:
