@@ -4,18 +4,22 @@ query and value, fp32:
 1. mixed batch: forward tokens/s of a batch whose rows use 8 different adapters (`peftjax.stacked_lora`) vs the
    same batch with one adapter (`pj.apply`), beside Hugging Face PEFT's `adapter_names=` forward on PyTorch with
    the same mix vs its single-adapter forward;
-2. sweep: K=8 members (other seeds and learning rates) trained in one compiled step (`train.sweep`) vs the same 8
-   single-adapter steps one after another, per-member batch 1 / 4 / 16: aggregate training tokens/s and the
-   compiled step's temporary memory (XLA's memory analysis);
+2. sweep: K=8 members (other seeds and learning rates) trained in one compiled step (`train.sweep`; all 8 members
+   in one pass over the base, and one member per pass, `members_per_pass=1`) vs the same 8 single-adapter steps one
+   after another, per-member batch 1 / 4 / 16: aggregate training tokens/s (wall and per CPU-second) and the
+   compiled step's peak memory (XLA's memory analysis); `--profile` adds each step's op time per kind (dots,
+   elementwise / reduce, copies / transposes) from a jax.profiler trace;
 3. hotswap: putting another adapter into a compiled forward's slot and running it vs a fresh compilation.
 
-`python bench/many_adapters.py` (`--seq 128 --repeats 5 --batches 1,4,16`; needs the `[test]` extra).
+`python bench/many_adapters.py` (`--seq 128 --repeats 5 --batches 1,4,16 --parts mixed,sweep,hotswap --profile`;
+needs the `[test]` extra; on a shared machine pin it to one core, `taskset -c 1`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -30,7 +34,7 @@ from peftjax import stacked_lora  # noqa: E402
 from peftjax.models import bert  # noqa: E402
 from train import sweep  # noqa: E402
 
-from common import interleaved_medians  # noqa: E402
+from common import interleaved_medians, interleaved_times  # noqa: E402
 
 K = 8
 SHAPE = dict(vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
@@ -86,8 +90,14 @@ def mixed_batch(torch_model, model, params, rows: int, seq: int, repeats: int) -
   return {name: rows * seq / s for name, s in interleaved_medians(steps, repeats).items()}
 
 
-def sweep_vs_sequential(model, params, per_member: int, seq: int, repeats: int) -> dict[str, tuple[float, float]]:
-  """{name: (aggregate training tokens/s, compiled temporary MiB)} of the K-member step vs K single steps."""
+PASSES = {"sweep, 8 members per pass": None, "sweep, 1 member per pass": 1}
+
+
+def sweep_vs_sequential(model, params, per_member: int, seq: int, repeats: int, profile: bool = False
+                        ) -> dict[str, tuple[float, float, float]]:
+  """{name: (aggregate training tokens/s by wall time, by process CPU time, compiled peak MiB)} of the K-member
+  step (all members in one pass, and one member per pass) vs K single steps; with `profile`, also prints where
+  the time goes (see `op_profile`)."""
   cfg = pj.LoraConfig(rank=8, alpha=16, targets=TARGETS)
   members = [sweep.Member(seed=k, learning_rate=1e-4 * (k + 1)) for k in range(K)]
   rng = np.random.default_rng(0)
@@ -98,12 +108,16 @@ def sweep_vs_sequential(model, params, per_member: int, seq: int, repeats: int) 
 
   state = sweep.init(cfg, members, params)
   tx, opt_state = sweep.init_optimizer(optax.adamw, state, members)
-  step = sweep.make_step(model.apply, row_losses, tx, inputs)
-  together = [state, opt_state]
+  steps, compiled = {}, {}
+  for name, per_pass in PASSES.items():
+    step = sweep.make_step(model.apply, row_losses, tx, inputs, members_per_pass=per_pass)
+    together = [state, opt_state]
 
-  def run_sweep():
-    together[0], together[1], losses = step(together[0], together[1], params, batch)
-    jax.block_until_ready(losses)
+    def run_sweep(step=step, together=together):
+      together[0], together[1], losses = step(together[0], together[1], params, batch)
+      jax.block_until_ready(losses)
+    steps[name] = run_sweep
+    compiled[name] = step.lower(state, opt_state, params, batch).compile()
 
   adapted = pj.apply(cfg, model.apply)
   single_tx = optax.inject_hyperparams(optax.adamw)(learning_rate=1e-4)
@@ -115,21 +129,73 @@ def sweep_vs_sequential(model, params, per_member: int, seq: int, repeats: int) 
     single_states.append([adapters, opt])
 
   @jax.jit
-  def one(adapters, opt, b):
+  def one(params, adapters, opt, b):
     loss, grads = jax.value_and_grad(lambda a: row_losses(adapted(params, a, **inputs(b)), b).mean())(adapters)
     updates, opt = single_tx.update(grads, opt, adapters)
     return optax.apply_updates(adapters, updates), opt, loss
 
   def run_sequential():
     for s in single_states:
-      s[0], s[1], loss = one(s[0], s[1], batch)
+      s[0], s[1], loss = one(params, s[0], s[1], batch)
     jax.block_until_ready(loss)
-  times = interleaved_medians({"sweep": run_sweep, "sequential": run_sequential}, repeats)
-  memory = {
-      "sweep": step.lower(state, opt_state, params, batch).compile().memory_analysis().temp_size_in_bytes,
-      "sequential": one.lower(*single_states[0][:2], batch).compile().memory_analysis().temp_size_in_bytes,
-  }
-  return {name: (K * per_member * seq / times[name], memory[name] / 2**20) for name in times}
+  steps[f"{K} single steps"] = run_sequential
+  compiled[f"{K} single steps"] = one.lower(params, *single_states[0][:2], batch).compile()
+  if profile:
+    for name, run in steps.items():
+      op_profile(name, run, compiled[name].as_text())
+  times = interleaved_times(steps, repeats)
+  tokens = K * per_member * seq
+  return {name: (tokens / wall, tokens / cpu, peak_mib(compiled[name])) for name, (wall, cpu) in times.items()}
+
+
+def peak_mib(compiled) -> float:
+  """A compiled step's peak: arguments + outputs + temporaries - donated aliases (XLA's memory analysis), MiB."""
+  m = compiled.memory_analysis()
+  return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 2**20
+
+
+def _op_kinds(hlo: str) -> dict[str, str]:
+  """{HLO instruction name: 'dot' (a fusion or op with a dot), 'copy/transpose' or 'elementwise/reduce'}."""
+  bodies, current, kinds = {}, None, {}
+  for line in hlo.splitlines():
+    if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+      current = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+      bodies[current] = ""
+    elif current:
+      bodies[current] += line + "\n"
+  for line in hlo.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = \S+ ([a-z-]+)\(", line)
+    if m:
+      called = re.search(r"calls=%([^,\s]+)", line)
+      ops = set(re.findall(r"= \S+ ([a-z-]+)\(", bodies.get(called.group(1), "") if called else "")) | {m.group(2)}
+      kinds[m.group(1)] = ("dot" if ops & {"dot", "convolution"} else
+                           "copy/transpose" if ops & {"copy", "transpose"} and not ops & {"add", "multiply", "reduce"}
+                           else "elementwise/reduce")
+  return kinds
+
+
+def op_profile(name: str, run, hlo: str, calls: int = 2) -> None:
+  """Traces `calls` runs (jax.profiler) and prints (to stderr, beside the tables) the summed duration of the
+  compiled step's HLO ops per kind."""
+  import collections
+  import glob
+  import tempfile
+  kinds = _op_kinds(hlo)
+  run()
+  with tempfile.TemporaryDirectory() as folder:
+    jax.profiler.start_trace(folder)
+    for _ in range(calls):
+      run()
+    jax.profiler.stop_trace()
+    data = jax.profiler.ProfileData.from_file(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0])
+    per_kind = collections.Counter()
+    for plane in data.planes:
+      for line in plane.lines:
+        for event in line.events:
+          if event.name in kinds:
+            per_kind[kinds[event.name]] += event.duration_ns / calls / 1e6
+  print(f"  profile, {name}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in per_kind.most_common()),
+        file=sys.stderr, flush=True)
 
 
 def hotswap(model, params, seq: int) -> dict[str, float]:
@@ -157,30 +223,40 @@ def main():
   parser.add_argument("--rows", type=int, default=16)
   parser.add_argument("--batches", default="1,4,16")
   parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--parts", default="mixed,sweep,hotswap", help="which of the three benchmarks to run")
+  parser.add_argument("--profile", action="store_true", help="per sweep batch, where the compiled steps' op time goes")
   args = parser.parse_args()
+  parts = args.parts.split(",")
   import tempfile
   with tempfile.TemporaryDirectory() as folder:
     torch_model, model, params = _models(folder)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; PyTorch on cpu; MiniLM shapes, seq {args.seq}, fp32; "
         f"frozen base {pj.tree.nbytes(params) / 2**20:.0f} MiB (one copy for the sweep, one per process for "
         f"{K} separate runs)")
-  mixed = mixed_batch(torch_model, model, params, args.rows, args.seq, args.repeats)
-  print(f"\nmixed batch, {args.rows} rows x {args.seq} tokens, forward tokens/s (median of interleaved runs):")
-  print("| | tokens/s | vs one adapter |\n|---|---|---|")
-  for name, tps in mixed.items():
-    one = mixed["peftjax one adapter" if name.startswith("peftjax") else "PEFT one adapter"]
-    print(f"| {name} | {tps:,.0f} | {tps / one:.2f}x |", flush=True)
-  print(f"\nK={K} sweep in one step vs {K} single steps one after another, training tokens/s (all members):")
-  print("| per-member batch | sweep tokens/s | sequential tokens/s | speed-up | sweep temp MiB | one step's temp MiB |")
-  print("|---|---|---|---|---|---|", flush=True)
-  for b in map(int, args.batches.split(",")):
-    r = sweep_vs_sequential(model, params, b, args.seq, args.repeats)
-    print(f"| {b} | {r['sweep'][0]:,.0f} | {r['sequential'][0]:,.0f} | {r['sweep'][0] / r['sequential'][0]:.2f}x | "
-          f"{r['sweep'][1]:.0f} | {r['sequential'][1]:.0f} |", flush=True)
-  swap = hotswap(model, params, args.seq)
-  print("\nhotswap, batch 4:\n| | seconds |\n|---|---|")
-  for name, s in swap.items():
-    print(f"| {name} | {s:.3f} |")
+  if "mixed" in parts:
+    mixed = mixed_batch(torch_model, model, params, args.rows, args.seq, args.repeats)
+    print(f"\nmixed batch, {args.rows} rows x {args.seq} tokens, forward tokens/s (median of interleaved runs):")
+    print("| | tokens/s | vs one adapter |\n|---|---|---|")
+    for name, tps in mixed.items():
+      one = mixed["peftjax one adapter" if name.startswith("peftjax") else "PEFT one adapter"]
+      print(f"| {name} | {tps:,.0f} | {tps / one:.2f}x |", flush=True)
+  if "sweep" in parts:
+    print(f"\nK={K} sweep in one step vs {K} single steps one after another, training tokens/s (all members; "
+          "wall and per process CPU-second), compiled peak MiB (arguments + outputs + temporaries; the sweep holds "
+          "one base, each single run its own)")
+    print("| per-member batch | | tokens/s | vs single steps | tokens/CPU-s | vs single steps | peak MiB |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for b in map(int, args.batches.split(",")):
+      r = sweep_vs_sequential(model, params, b, args.seq, args.repeats, args.profile)
+      base = r[f"{K} single steps"]
+      for name, (w, c, p) in r.items():
+        print(f"| {b} | {name} | {w:,.0f} | {w / base[0]:.2f}x | {c:,.0f} | {c / base[1]:.2f}x | {p:.0f} |", flush=True)
+  if "hotswap" in parts:
+    swap = hotswap(model, params, args.seq)
+    print("\nhotswap, batch 4:\n| | seconds |\n|---|---|")
+    for name, s in swap.items():
+      print(f"| {name} | {s:.3f} |")
+
 
 if __name__ == "__main__":
   main()

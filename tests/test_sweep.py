@@ -1,6 +1,7 @@
 """`train.sweep`: K LoRA members (other seeds, learning rates, ranks, alphas) trained in one compiled step on a
 random tiny BERT classifier; each member's 20 losses equal a separate single-adapter run's within 1e-5, and
-its exported adapter equals that run's adapter."""
+its exported adapter equals that run's adapter,
+also with the members run one pass each (`members_per_pass=1`)."""
 
 from __future__ import annotations
 
@@ -45,6 +46,18 @@ def test_sweep_members_equal_separate_runs(checkpoints):
     together.append(np.asarray(losses))
   together = np.stack(together)  # (steps, members)
   assert step._cache_size() == 1
+
+  # One member per pass (jax.lax.map over the members inside the step): the same losses and adapters.
+  state_1 = sweep.init(cfg, MEMBERS, params)
+  opt_1 = sweep.init_optimizer(make_tx, state_1, MEMBERS)[1]
+  per_member = sweep.make_step(model.apply, _row_losses, tx, _inputs, members_per_pass=1)
+  for s, b in enumerate(batches):
+    state_1, opt_1, losses = per_member(state_1, opt_1, params, b)
+    np.testing.assert_allclose(losses, together[s], atol=1e-5)
+  for got, want in zip(jax.tree.leaves(state_1["trainable"]), jax.tree.leaves(state["trainable"])):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  with pytest.raises(ValueError, match="members_per_pass=2 must divide the sweep's 3 members"):
+    sweep.make_step(model.apply, _row_losses, tx, _inputs, members_per_pass=2)(state, opt_state, params, batches[0])
 
   for k, (member, member_cfg) in enumerate(zip(MEMBERS, sweep.member_configs(cfg, MEMBERS))):
     adapters = pj.init(member_cfg, jax.random.key(member.seed), params)

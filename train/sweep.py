@@ -4,7 +4,8 @@ The members are stacked as `peftjax.stacked_lora` stacks adapters (ranks zero-pa
 member's scaling alpha / rank is data, not a constant), every batch is repeated once per member with the rows
 of copy k adapted by member k (`stacked_lora.apply_grouped`: one batched matmul per layer over the members), and one
 forward / backward pass over the frozen base computes every member's loss: member k's gradient lands only in its
-own slot.  The optimizer runs `jax.vmap`ped over the members'
+own slot.  With `make_step(..., members_per_pass=m)` the members go m at a time, one pass after another inside
+the compiled step, so only m members' activations are held at once.  The optimizer runs `jax.vmap`ped over the members'
 slots and optimizer states, with each member's learning rate injected (`optax.inject_hyperparams`); the padded
 rank columns are masked out of every update, so a member of rank r trains exactly its r columns.
 
@@ -138,13 +139,26 @@ def tiled(batch: dict, k: int) -> dict:
   return jax.tree.map(lambda x: jnp.concatenate([x] * k, axis=0), batch)
 
 
+def _chunked(tree: Any, passes: int) -> Any:
+  """Every leaf's member axis (K, ...) split into (passes, K / passes, ...)."""
+  return jax.tree.map(lambda x: x.reshape(passes, -1, *x.shape[1:]), tree)
+
+
+def _merged(tree: Any) -> Any:
+  """The inverse of `_chunked`: (passes, K / passes, ...) back to (K, ...)."""
+  return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), tree)
+
+
 def make_step(model_apply: Callable[..., Any], row_losses: Callable[[Any, dict], jax.Array],
-              tx: optax.GradientTransformation, inputs: Callable[[dict], dict | tuple]):
+              tx: optax.GradientTransformation, inputs: Callable[[dict], dict | tuple],
+              members_per_pass: int | None = None):
   """step(state, opt_state, params, batch) -> (state, opt_state, losses (K,)), jit-compiled.
 
   `inputs(batch)` gives the model's keyword inputs (a dict) or positional ones (a tuple), and
   `row_losses(outputs, batch)` the loss of every row (batch,); a member's loss is the mean over the batch's rows,
-  as a single run's loss.
+  as a single run's loss.  `members_per_pass` (a divisor of K; None: all K) is how many members share one
+  forward / backward pass over the base: the passes run one after another inside the compiled step
+  (`jax.lax.map`), so the activations held at once are those of `members_per_pass` members (1: one run's).
   """
   forward = make_forward(model_apply)
 
@@ -160,7 +174,17 @@ def make_step(model_apply: Callable[..., Any], row_losses: Callable[[Any, dict],
   @jax.jit
   def step(state, opt_state, params, batch):
     k = jax.tree.leaves(state["scaling"])[0].shape[-1]
-    grads, member = jax.grad(losses, has_aux=True)(state["trainable"], state["scaling"], params, batch, k)
+    per_pass = k if members_per_pass is None else members_per_pass
+    if per_pass < 1 or k % per_pass:
+      raise ValueError(f"members_per_pass={members_per_pass} must divide the sweep's {k} members.")
+
+    def one_pass(chunk):
+      return jax.grad(losses, has_aux=True)(chunk[0], chunk[1], params, batch, per_pass)
+    if per_pass == k:
+      grads, member = one_pass((state["trainable"], state["scaling"]))
+    else:
+      chunks = _chunked((state["trainable"], state["scaling"]), k // per_pass)
+      grads, member = _merged(jax.lax.map(one_pass, chunks))
     updates, opt_state = jax.vmap(tx.update)(grads, opt_state, state["trainable"])
     updates = jax.tree.map(jnp.multiply, updates, state["mask"])
     return {**state, "trainable": optax.apply_updates(state["trainable"], updates)}, opt_state, member
