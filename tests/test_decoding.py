@@ -1,6 +1,6 @@
 """The decoder families' shared generate loop (peftjax.models.decoding) on tiny random GPT-2 and Llama models:
-prompts of lengths in one bucket compile once and give the tokens of full forward passes, and the compiled loop
-stops once every row has emitted EOS."""
+prompts of lengths in one bucket compile once and give the tokens of full forward passes, the compiled loop
+stops once every row has emitted EOS, and each layer writes only its new slots of the stacked cache."""
 
 from __future__ import annotations
 
@@ -87,3 +87,37 @@ def test_loop_stops_once_every_row_emitted_eos(kind):
   assert stopped_calls == max(ends) < NEW
   for row, (tokens, end) in enumerate(zip(free.tolist(), ends)):
     assert_same_tokens(stopped[row], tokens[:end] + [0] * (NEW - end), f"row {row}")
+
+
+def test_write_cache_writes_one_layers_new_slots():
+  rng = np.random.default_rng(0)
+  cache = {name: rng.standard_normal((3, 2, 8, 2, 4)).astype(np.float32) for name in ("key", "value")}
+  key, value = rng.standard_normal((2, 2, 2, 4)).astype(np.float32), rng.standard_normal((2, 2, 2, 4))
+  keys, values, written = decoding.write_cache(cache, 1, 5, key, value)
+  expected = {name: array.copy() for name, array in cache.items()}
+  expected["key"][1, :, 5:7], expected["value"][1, :, 5:7] = key, value
+  for name in cache:
+    np.testing.assert_array_equal(written[name], expected[name])
+  np.testing.assert_array_equal(keys, expected["key"][1])
+  np.testing.assert_array_equal(values, expected["value"][1])
+  # one layer's cache (the layout under a layer scan): the same slots, no layer axis
+  keys, values, written = decoding.write_cache({k: v[1] for k, v in cache.items()}, None, 5, key, value)
+  np.testing.assert_array_equal(written["key"], expected["key"][1])
+  np.testing.assert_array_equal(values, expected["value"][1])
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_decode_loop_never_rebuilds_the_whole_cache(kind):
+  """The compiled program has no op that concatenates the layers' caches into the stacked one (what slicing
+  each layer out and stacking them back compiled to: a copy of the whole cache every step)."""
+  module, model = FAMILIES[kind]
+  params = module.init_params(model, jax.random.key(3))
+  ids, mask = decoding.left_pad(*map(jax.numpy.asarray, _prompts(5)), 16)
+  hlo = decoding._generate.lower(model, module.init_cache, params, ids, mask, None, None,
+                                 jax.numpy.asarray([-1], ids.dtype), jax.numpy.asarray(0, ids.dtype), NEW, 0.0, 0,
+                                 1.0, None).compile().as_text()
+  shape = module.init_cache(model.config, 3, 16 + NEW)["key"].shape
+  stacked = f"f32[{','.join(map(str, shape))}]"
+  rebuilt = [line for line in hlo.splitlines() if f"= {stacked}{{" in line and " concatenate(" in line]
+  assert not rebuilt, rebuilt[:2]
+  assert "dynamic-update-slice" in hlo

@@ -26,6 +26,22 @@ def bucket_length(length: int) -> int:
   return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
 
 
+def write_cache(cache: dict, layer, cache_index, key: jax.Array, value: jax.Array) -> tuple:
+  """(keys, values, cache): `key` and `value` (batch, length, kv heads, head_dim) written into `cache` at slot
+  `cache_index`, and the layer's cached keys and values to attend over.  With `layer` None, `cache` holds one
+  layer ((batch, slots, kv heads, head_dim) each, as under a layer scan); with a layer index it holds every layer
+  (a leading layer axis) and only this call's slots are written, so inside the compiled decode loop the update is
+  in place (slicing each layer out and stacking them back copied the whole cache every step)."""
+  if layer is None:
+    cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype), (0, cache_index, 0, 0))
+             for name, new in (("key", key), ("value", value))}
+    return cache["key"], cache["value"], cache
+  cache = {name: jax.lax.dynamic_update_slice(cache[name], new.astype(cache[name].dtype)[None],
+                                              (layer, 0, cache_index, 0, 0))
+           for name, new in (("key", key), ("value", value))}
+  return cache["key"][layer], cache["value"][layer], cache
+
+
 def left_pad(input_ids: jax.Array, attention_mask: jax.Array, length: int) -> tuple:
   """(ids, mask) with `length - prompt length` columns of padding added on the left: mask 0 and id 0, a real
   vocabulary id (never a prompt method's placeholder id, which no tokenizer produces, nor out of range)."""

@@ -140,19 +140,17 @@ class GPT2Attention(nn.Module):
     self.attn_dropout = Dropout(c.attn_pdrop)
     self.resid_dropout = Dropout(c.resid_pdrop)
 
-  def __call__(self, x, layer_idx, mask, prefix_kv, cache, cache_index, deterministic: bool):
+  def __call__(self, x, layer_idx, mask, prefix_kv, cache, cache_index, deterministic: bool, layer=None):
     """x (batch, q, n_embd); mask (batch, 1, q, keys) is True where attending is allowed.
 
-    With `cache` ({'key', 'value'} (batch, cache length, heads, head_dim)), this call's keys and values
-    are written at `cache_index` and the queries attend over the whole cache.
+    With `cache` ({'key', 'value'} (batch, cache length, heads, head_dim), or every layer's with a leading axis
+    and this one's index `layer`), this call's keys and values are written at `cache_index` and the queries
+    attend over the whole cache.
     """
     c = self.config
     query, key, value = (t.reshape(*t.shape[:-1], c.n_head, c.head_dim) for t in jnp.split(self.c_attn(x), 3, -1))
     if cache is not None:
-      start = (0, cache_index, 0, 0)
-      key = jax.lax.dynamic_update_slice(cache["key"], key.astype(cache["key"].dtype), start)
-      value = jax.lax.dynamic_update_slice(cache["value"], value.astype(cache["value"].dtype), start)
-      cache = {"key": key, "value": value}
+      key, value, cache = decoding.write_cache(cache, layer, cache_index, key, value)
     if prefix_kv is not None:
       key = jnp.concatenate([prefix_kv[0].astype(key.dtype), key], axis=1)
       value = jnp.concatenate([prefix_kv[1].astype(value.dtype), value], axis=1)
@@ -190,11 +188,12 @@ class GPT2Block(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, layer_idx, mask, prefix_kv, cache, cache_index, deterministic: bool):
+  def __call__(self, x, layer_idx, mask, prefix_kv, cache, cache_index, deterministic: bool, layer=None):
+    """`cache` holds this block's keys and values, or every block's when `layer` is this one's index."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = _layer_norm(self.config, name="ln_1", **kw)(x)
     h, cache = GPT2Attention(self.config, name="attn", **kw)(h, layer_idx, mask, prefix_kv, cache, cache_index,
-                                                             deterministic)
+                                                             deterministic, layer)
     x = x + h
     h = GPT2MLP(self.config, name="mlp", **kw)(_layer_norm(self.config, name="ln_2", **kw)(x), deterministic)
     return x + h, cache
@@ -237,14 +236,9 @@ class GPT2Model(nn.Module):
         prefix_kv = tuple(jnp.stack(t) for t in zip(*prefix_kv))
       x, cache = self.h(x, jnp.arange(self.config.n_layer), mask, prefix_kv, cache, cache_index, deterministic)
     else:
-      layer_caches = []
-      for i, block in enumerate(self.h):
-        layer_cache = None if cache is None else {k: v[i] for k, v in cache.items()}
-        x, layer_cache = block(x, i, mask, None if prefix_kv is None else prefix_kv[i], layer_cache, cache_index,
-                               deterministic)
-        layer_caches.append(layer_cache)
-      if cache is not None:
-        cache = {k: jnp.stack([lc[k] for lc in layer_caches]) for k in cache}
+      for i, block in enumerate(self.h):  # each writes its slots of the stacked cache in place
+        x, cache = block(x, i, mask, None if prefix_kv is None else prefix_kv[i], cache, cache_index,
+                         deterministic, i)
     return self.ln_f(x), cache
 
 

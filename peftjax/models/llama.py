@@ -299,11 +299,12 @@ class LlamaAttention(nn.Module):
       self.k_norm = layers.RMSNorm(c.rms_norm_eps, name="k_norm", **norm)
     self.dropout = Dropout(c.attention_dropout)
 
-  def __call__(self, x, cos, sin, mask, prefix_kv, cache, cache_index, deterministic: bool):
+  def __call__(self, x, cos, sin, mask, prefix_kv, cache, cache_index, deterministic: bool, layer=None):
     """x (batch, q, hidden); mask (batch, 1, q, keys) is True where attending is allowed.
 
-    With `cache` ({'key', 'value'} (batch, cache length, kv heads, head_dim)), this call's rotated keys
-    and values are written at `cache_index` and the queries attend over the whole cache.
+    With `cache` ({'key', 'value'} (batch, cache length, kv heads, head_dim), or every layer's with a leading
+    axis and this one's index `layer`), this call's rotated keys and values are written at `cache_index` and the
+    queries attend over the whole cache.
     """
     c = self.config
     batch, length = x.shape[:2]
@@ -314,10 +315,7 @@ class LlamaAttention(nn.Module):
     query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
     value = self.v_proj(x).reshape(batch, length, c.num_key_value_heads, c.head_dim)
     if cache is not None:
-      start = (0, cache_index, 0, 0)
-      key = jax.lax.dynamic_update_slice(cache["key"], key.astype(cache["key"].dtype), start)
-      value = jax.lax.dynamic_update_slice(cache["value"], value.astype(cache["value"].dtype), start)
-      cache = {"key": key, "value": value}
+      key, value, cache = decoding.write_cache(cache, layer, cache_index, key, value)
     if prefix_kv is not None:
       key = jnp.concatenate([prefix_kv[0].astype(key.dtype), key], axis=1)
       value = jnp.concatenate([prefix_kv[1].astype(value.dtype), value], axis=1)
@@ -358,15 +356,16 @@ class LlamaDecoderLayer(nn.Module):
   sparse: bool = False
 
   @nn.compact
-  def __call__(self, x, rope, masks, sliding, prefix_kv, cache, cache_index, deterministic: bool):
-    """`masks` is (full, windowed or None); `sliding` (a bool, traced under scan) picks the windowed one."""
+  def __call__(self, x, rope, masks, sliding, prefix_kv, cache, cache_index, deterministic: bool, layer=None):
+    """`masks` is (full, windowed or None); `sliding` (a bool, traced under scan) picks the windowed one; `cache`
+    holds this layer's keys and values, or every layer's when `layer` is this one's index."""
     c = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     full, windowed = masks
     mask = full if windowed is None else jnp.where(sliding, windowed, full)
     h = layers.RMSNorm(c.rms_norm_eps, name="input_layernorm", **kw)(x)
     h, cache = LlamaAttention(c, name="self_attn", **kw)(h, *rope, mask, prefix_kv, cache, cache_index,
-                                                         deterministic)
+                                                         deterministic, layer)
     x = x + h
     mlp = (moe.SparseMoeBlock(c, _ACTIVATIONS[c.hidden_act], name="mlp", **kw) if self.sparse
            else LlamaMLP(c, name="mlp", **kw))
@@ -419,14 +418,9 @@ class LlamaModel(nn.Module):
         prefix_kv = tuple(jnp.stack(t) for t in zip(*prefix_kv))
       x, cache = self.layers(x, rope, masks, jnp.asarray(sliding), prefix_kv, cache, cache_index, deterministic)
     else:
-      layer_caches = []
-      for i, layer in enumerate(self.layers):
-        layer_cache = None if cache is None else {k: v[i] for k, v in cache.items()}
-        x, layer_cache = layer(x, rope, masks, sliding[i], None if prefix_kv is None else prefix_kv[i],
-                               layer_cache, cache_index, deterministic)
-        layer_caches.append(layer_cache)
-      if cache is not None:
-        cache = {k: jnp.stack([lc[k] for lc in layer_caches]) for k in cache}
+      for i, layer in enumerate(self.layers):  # each writes its slots of the stacked cache in place
+        x, cache = layer(x, rope, masks, sliding[i], None if prefix_kv is None else prefix_kv[i], cache,
+                         cache_index, deterministic, i)
     return self.norm(x), cache
 
 
