@@ -178,12 +178,10 @@ def test_bf16_logits_stay_close_and_a_lora_step_trains(folders):
 def test_cached_generation_equals_full_forward_passes(folders):
   """Gemma 3 (4-token window): greedy generate through the KV cache with prompt tuning (virtual tokens enter at the
   prefill) and P-tuning v2 (prefixes leave the window as the tokens advance) equals full forward passes over the
-  growing rows.  The 16-token prompts fill generate's bucket, whose extra left padding would otherwise count in the
-  window (`gemma.attention_masks`)."""
+  growing rows.  The 9-token prompts are shorter than generate's bucket, whose extra left padding must not count in
+  the window (`decoding.generate` keeps such prompts' length)."""
   model, params = gemma.from_pretrained(folders["gemma3"])
-  ids = np.concatenate([np.full((3, 7), 5), LEFT["input_ids"]], 1)
-  mask = np.concatenate([np.ones((3, 7), np.int64), LEFT["attention_mask"]], 1)
-  ids[1:, :7], mask[1:, :7] = 0, 0  # row 0: 16 real tokens; rows 1, 2: left padded
+  ids, mask = LEFT["input_ids"], LEFT["attention_mask"]  # 9, 6 and 3 real tokens
   for cfg in (prompt_tuning.PromptTuningConfig(K), prefix_tuning.PTuningV2Config(K)):
     adapters = pj.init(cfg, jax.random.key(1), params)
     adapted = pj.apply(cfg, model.apply)

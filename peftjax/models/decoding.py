@@ -5,7 +5,8 @@ lengths reuse one compilation, then runs one jit-compiled program: the prefill w
 cache in the model's compute dtype, and a `jax.lax.while_loop` decodes one token per iteration and stops, inside
 the compiled loop, once every row has emitted EOS (no host round trip per token).  Extra left padding changes
 nothing a row sees: its positions count only real tokens (as Hugging Face generate does) and padding slots are
-masked out of attention.
+masked out of attention.  The exception: virtual tokens (a prefix, prompt tuning's) sit before the padding, so
+with a sliding-window layer those prompts keep their length (and compile once per length).
 """
 
 from __future__ import annotations
@@ -88,6 +89,13 @@ def _generate(model, init_cache, params, input_ids, attention_mask, prefix_kv, r
   return jax.lax.while_loop(running, step, (1, first, cache, finished, rng, out))[-1]
 
 
+def _virtual_tokens_in_a_window(model, prefix_kv, apply_fn) -> bool:
+  """Whether the prompt keeps its length: a prefix or an `apply_fn` (which may prepend prompt tuning's virtual
+  tokens) sits before the left padding, so in a sliding-window layer extra padding would push it out of the
+  window sooner than the unpadded prompt does."""
+  return (prefix_kv is not None or apply_fn is not None) and any(getattr(model.config, "sliding_layers", ()))
+
+
 def generate(model, init_cache: Callable[..., dict], params: Any, input_ids, attention_mask, prefix_kv, rng,
              eos: tuple[int, ...], pad: int, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
              apply_fn: Callable[..., Any] | None) -> jax.Array:
@@ -96,7 +104,8 @@ def generate(model, init_cache: Callable[..., dict], params: Any, input_ids, att
   (which check them); `eos` and `pad` are traced, so other ids reuse the compilation."""
   input_ids = jnp.asarray(input_ids)
   attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
-  input_ids, attention_mask = left_pad(input_ids, attention_mask, bucket_length(input_ids.shape[1]))
+  if not _virtual_tokens_in_a_window(model, prefix_kv, apply_fn):
+    input_ids, attention_mask = left_pad(input_ids, attention_mask, bucket_length(input_ids.shape[1]))
   eos = jnp.asarray(eos or (-1,), input_ids.dtype)
   return _generate(model, init_cache, params, input_ids, attention_mask, prefix_kv, rng, eos,
                    jnp.asarray(pad, input_ids.dtype), max_new_tokens, float(temperature), int(top_k), float(top_p),
