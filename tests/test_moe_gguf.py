@@ -5,6 +5,7 @@ safetensors folder's parameters; a tensor peftjax has no counterpart for is name
 
 from __future__ import annotations
 
+import os
 import re
 
 import jax
@@ -79,10 +80,12 @@ def _gguf_tensors(folder: str, config, arch: str) -> dict[str, np.ndarray]:
   return out
 
 
-def _write_gguf(folder: str, config, path: str, drop: str = "", extra: dict | None = None) -> None:
+def _write_gguf(folder: str, config, path: str, drop: str = "", extra: dict | None = None,
+                quantize_experts: bool = False) -> None:
   """A float32 Mixtral ("llama") or "qwen3moe" GGUF file with llama.cpp's metadata keys (Keys.LLM.EXPERT_*);
-  `drop` leaves out one tensor, `extra` adds some."""
-  from gguf import GGUFWriter
+  `drop` leaves out one tensor, `extra` adds some, `quantize_experts` stores the stacked experts as Q8_0."""
+  from gguf import GGMLQuantizationType, GGUFWriter
+  from gguf.quants import quantize
   arch = "llama" if config.model_type == "mixtral" else "qwen3moe"
   writer = GGUFWriter(path, arch)
   writer.add_block_count(config.num_hidden_layers)
@@ -107,8 +110,13 @@ def _write_gguf(folder: str, config, path: str, drop: str = "", extra: dict | No
   writer.add_expert_used_count(config.num_experts_per_tok)
   tensors = {**_gguf_tensors(folder, config, arch), **(extra or {})}
   for name, w in tensors.items():
-    if name != drop:
-      writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
+    w = np.ascontiguousarray(w, np.float32)
+    if name == drop:
+      continue
+    if quantize_experts and name.endswith("_exps.weight"):
+      writer.add_tensor(name, quantize(w, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+    else:
+      writer.add_tensor(name, w)
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
@@ -128,6 +136,8 @@ def test_moe_gguf_matches_transformers_and_the_folder(checkpoints, variant, tmp_
     assert (c.moe_intermediate_size, c.head_dim, c.moe_layers, c.normalize_top_k) == (32, 24, (False, True), True)
   expected = _torch_logits(torch_model, RIGHT)
   assert _max_diff(_logits(model, params, RIGHT), expected, RIGHT["attention_mask"]) < 1e-4
+  if variant == "qwen3_moe":  # the file's conventions are transformers' too: its GGUF loader reads the same experts
+    _assert_transformers_reads_the_experts(torch_model, path)
   # every tensor lands exactly where the safetensors folder puts it (experts stacked gate rows then up rows)
   _, folder_params = llama.from_pretrained(folder)
   flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])
@@ -135,6 +145,19 @@ def test_moe_gguf_matches_transformers_and_the_folder(checkpoints, variant, tmp_
   assert set(flat) == {p for p, _ in folder_flat}
   for key, value in folder_flat:
     np.testing.assert_array_equal(np.asarray(flat[key]), np.asarray(value), err_msg=jax.tree_util.keystr(key))
+
+
+def _assert_transformers_reads_the_experts(torch_model, path: str) -> None:
+  """transformers' own GGUF loader (Qwen2MoeTensorProcessor) gives the router and stacked experts of `path` as
+  `torch_model` holds them.  It is handed the config: its qwen3moe mapping drops expert_feed_forward_length, and
+  it skips a dense layer's ffn_gate / ffn_up / ffn_down, so only the MoE tensors are compared."""
+  folder, name = os.path.split(path)
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, config=torch_model.config)
+  ours, loaded = torch_model.state_dict(), theirs.state_dict()
+  moe_keys = [k for k in ours if ".mlp.experts." in k or ".mlp.gate.weight" in k]
+  assert moe_keys
+  for key in moe_keys:
+    np.testing.assert_array_equal(loaded[key].numpy(), ours[key].numpy(), err_msg=key)
 
 
 def test_moe_gguf_bad_expert_tensors_are_named(checkpoints, tmp_path):
@@ -151,3 +174,20 @@ def test_moe_gguf_bad_expert_tensors_are_named(checkpoints, tmp_path):
                                        r"'blk\.1\.ffn_up_exps\.weight' of the same shape; the file has None"):
     llama.from_pretrained(no_up)
   assert gguf.hf_name("blk.3.ffn_down_exps.weight", "qwen3moe") == "model.layers.3.mlp.experts.down_proj.weight"
+
+
+def test_moe_gguf_quantised_experts_dequantise(checkpoints, tmp_path):
+  """Q8_0 stacked experts (3-D blocks) read as gguf-py's dequantisation of each, gate and up joined."""
+  from gguf import GGMLQuantizationType
+  from gguf.quants import dequantize, quantize
+  folder, torch_model = checkpoints["mixtral"]
+  path = str(tmp_path / "q8.gguf")
+  _write_gguf(folder, torch_model.config, path, quantize_experts=True)
+  _, state = gguf.read(path)
+  stacked = _gguf_tensors(folder, torch_model.config, "llama")
+  round_trip = {name: dequantize(quantize(stacked[f"blk.1.{name}.weight"], GGMLQuantizationType.Q8_0),
+                                 GGMLQuantizationType.Q8_0) for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")}
+  np.testing.assert_array_equal(state["model.layers.1.mlp.experts.gate_up_proj"],
+                                np.concatenate([round_trip["ffn_gate_exps"], round_trip["ffn_up_exps"]], axis=1))
+  np.testing.assert_array_equal(state["model.layers.1.mlp.experts.down_proj"], round_trip["ffn_down_exps"])
+  assert 0 < np.abs(round_trip["ffn_down_exps"] - stacked["blk.1.ffn_down_exps.weight"]).max() < 0.05  # quantised
