@@ -129,6 +129,7 @@ def test_moe_gguf_matches_transformers_and_the_folder(checkpoints, variant, tmp_
   path = str(tmp_path / "tiny.gguf")
   _write_gguf(folder, torch_model.config, path)
   model, params = llama.from_pretrained(path)
+  assert gguf.read_config(path) == gguf.read(path)[0]  # train/validate's weight-free read gives the same config
   c = model.config
   assert (c.model_type, c.num_local_experts, c.num_experts_per_tok) == (
       variant, *((4, 2) if variant == "mixtral" else (6, 3)))
