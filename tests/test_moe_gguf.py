@@ -172,7 +172,7 @@ def test_moe_gguf_bad_expert_tensors_are_named(checkpoints, tmp_path):
   no_up = str(tmp_path / "no_up.gguf")
   _write_gguf(folder, c, no_up, drop="blk.1.ffn_up_exps.weight")
   with pytest.raises(ValueError, match=r"'blk\.1\.ffn_gate_exps\.weight' \(6, 32, 64\) needs a "
-                                       r"'blk\.1\.ffn_up_exps\.weight' of the same shape; the file has None"):
+                                       r"'blk\.1\.ffn_up_exps\.weight' of the same shape; the file has none"):
     llama.from_pretrained(no_up)
   assert gguf.hf_name("blk.3.ffn_down_exps.weight", "qwen3moe") == "model.layers.3.mlp.experts.down_proj.weight"
 

@@ -239,7 +239,7 @@ def _stack_gate_up(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         layer = prefix.rsplit(".", 1)[1]
         raise ValueError(f"GGUF tensor 'blk.{layer}.ffn_gate_exps.weight' {value.shape} needs a "
                          f"'blk.{layer}.ffn_up_exps.weight' of the same shape; the file has "
-                         f"{None if up is None else up.shape}.")
+                         f"{'none' if up is None else up.shape}.")
       out[f"{prefix}.mlp.experts.gate_up_proj"] = np.concatenate([value, up], axis=1)
     elif f"{prefix}.mlp.experts.gate_proj.weight" not in tensors:
       layer = prefix.rsplit(".", 1)[1]
