@@ -9,6 +9,13 @@ its per-head q/k norms, `attn_q_norm` / `attn_k_norm`), and "gemma2" / "gemma3" 
 their Q/K rows are not permuted, and what llama.cpp hard-codes rather than records (the layer pattern, Gemma 3's
 local RoPE base 10000, query_pre_attn_scalar) takes llama.cpp's values.
 
+Mixture-of-experts files: a "llama" file with `llama.expert_count` is Mixtral and a "qwen3moe" file is Qwen3-MoE
+(q/k norms as qwen3, experts `expert_feed_forward_length` wide, top-k renormalised as llama.cpp always does).  The
+router blk.N.ffn_gate_inp becomes mlp.gate and the stacked experts blk.N.ffn_gate_exps / ffn_up_exps (experts,
+intermediate, hidden) and ffn_down_exps (experts, hidden, intermediate) become the in-memory
+mlp.experts.gate_up_proj (gate rows, then up rows) and mlp.experts.down_proj that `peftjax.models.moe` holds.
+Qwen3-MoE layers stored with a dense ffn_gate / ffn_up / ffn_down are its mlp_only_layers.
+
 Quantised tensors (Q4_0, Q4_1, Q8_0, K-quants, ...) are dequantised with gguf-py to float32, so the
 weights equal the quantised model's, not the original bf16 ones; `read_blocks` gives the Q4_0 / Q4_1 / Q8_0
 linear layers' raw blocks instead, for a quantised frozen base (`peftjax.quant.keep_gguf_blocks`).  llama.cpp permutes the rows of Q
@@ -27,8 +34,9 @@ import types
 
 import numpy as np
 
-MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3_text"}
-_PERMUTED_QK = ("llama",)
+MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "qwen3moe": "qwen3_moe", "gemma2": "gemma2",
+               "gemma3": "gemma3_text"}  # a "llama" file with experts is "mixtral"
+_PERMUTED_QK = ("llama", "mixtral")  # model types whose Q/K rows llama.cpp permutes
 _GEMMA = ("gemma2", "gemma3")  # norms stored as w + 1; llama.cpp's 27B models scale queries by hidden / heads
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -51,9 +59,15 @@ _GEMMA_LAYER_TENSORS = {
     "attn_q_norm": "self_attn.q_norm",
     "attn_k_norm": "self_attn.k_norm",
 }
+_QK_NORM_TENSORS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# The router and the stacked experts; `read` joins gate and up into gate_up_proj (`_stack_gate_up`).
+_EXPERT_TENSORS = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj",
+                   "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj"}
 # Tensors only some architectures have: {architecture: {llama.cpp name: Hugging Face module}}.
-_ARCH_LAYER_TENSORS = {"qwen3": {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"},
+_ARCH_LAYER_TENSORS = {"llama": _EXPERT_TENSORS, "qwen3": _QK_NORM_TENSORS,
+                       "qwen3moe": {**_QK_NORM_TENSORS, **_EXPERT_TENSORS},
                        "gemma2": _GEMMA_LAYER_TENSORS, "gemma3": _GEMMA_LAYER_TENSORS}
+_ROUTER = re.compile(r"model\.layers\.(\d+)\.mlp\.gate\.weight")
 _ROPE_FREQS = "rope_freqs.weight"
 
 
@@ -158,7 +172,7 @@ def config_from_metadata(reader, tensors: dict[str, np.ndarray]) -> dict:
   hidden, heads = meta("embedding_length"), meta("attention.head_count")
   head_dim = meta("attention.key_length", meta("rope.dimension_count") if arch == "llama" else None) or hidden // heads
   config = {
-      "model_type": MODEL_TYPES[arch],
+      "model_type": "mixtral" if arch == "llama" and meta("expert_count") else MODEL_TYPES[arch],
       "vocab_size": meta("vocab_size", tensors["model.embed_tokens.weight"].shape[0]),
       "hidden_size": hidden,
       "intermediate_size": meta("feed_forward_length"),
@@ -170,7 +184,7 @@ def config_from_metadata(reader, tensors: dict[str, np.ndarray]) -> dict:
       "rms_norm_eps": meta("attention.layer_norm_rms_epsilon", 1e-6),
       "rope_theta": meta("rope.freq_base", 10000.0),
       "tie_word_embeddings": "lm_head.weight" not in tensors,
-      "attention_bias": arch in ("llama", "qwen3") and "model.layers.0.self_attn.q_proj.bias" in tensors,
+      "attention_bias": arch in ("llama", "qwen3", "qwen3moe") and "model.layers.0.self_attn.q_proj.bias" in tensors,
       "mlp_bias": arch == "llama" and "model.layers.0.mlp.gate_proj.bias" in tensors,
       "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
       "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
@@ -178,6 +192,8 @@ def config_from_metadata(reader, tensors: dict[str, np.ndarray]) -> dict:
   }
   if arch in _GEMMA:
     config.update(_gemma_config(meta, arch, config))
+  if config["model_type"] in ("mixtral", "qwen3_moe"):
+    config.update(_moe_config(meta, arch, config, tensors))
   scaling_type = meta("rope.scaling.type", "none")
   if scaling_type == "linear":
     config["rope_scaling"] = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
@@ -187,6 +203,49 @@ def config_from_metadata(reader, tensors: dict[str, np.ndarray]) -> dict:
   if _ROPE_FREQS in tensors:
     config["rope_scaling"] = llama3_rope_scaling(tensors[_ROPE_FREQS], config["rope_theta"], head_dim)
   return config
+
+
+def _moe_config(meta, arch: str, config: dict, tensors) -> dict:
+  """Mixtral's / Qwen3-MoE's expert keys: the expert count and top-k from the metadata, Qwen3-MoE's expert width
+  (`expert_feed_forward_length`), top-k renormalisation (llama.cpp always renormalises Qwen3-MoE's unless the file
+  says `expert_weights_norm` false) and its dense layers (those without a router tensor)."""
+  experts = meta("expert_count")
+  if not experts:
+    raise ValueError(f"GGUF {arch}.expert_count is missing or 0; a {arch!r} file needs its number of experts.")
+  out = {"num_local_experts": experts, "num_experts_per_tok": meta("expert_used_count", 2)}
+  if arch == "qwen3moe":
+    routed = {int(_ROUTER.fullmatch(name).group(1)) for name in tensors if _ROUTER.fullmatch(name)}
+    out.update(moe_intermediate_size=meta("expert_feed_forward_length", config["intermediate_size"]),
+               norm_topk_prob=bool(meta("expert_weights_norm", True)),
+               mlp_only_layers=[i for i in range(config["num_hidden_layers"]) if i not in routed])
+    if config["intermediate_size"] is None:  # only the dense layers use it
+      config["intermediate_size"] = out["moe_intermediate_size"]
+  return out
+
+
+def _stack_gate_up(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """`tensors` with each layer's stacked expert gate and up weights (experts, intermediate, hidden) joined into
+  mlp.experts.gate_up_proj (experts, 2 * intermediate, hidden) and down_proj named as `peftjax.models.moe` holds it."""
+  out = {}
+  for name, value in tensors.items():
+    prefix, _, leaf = name.rpartition(".mlp.experts.")
+    if not prefix:
+      out[name] = value
+    elif leaf == "down_proj.weight":
+      out[f"{prefix}.mlp.experts.down_proj"] = value
+    elif leaf == "gate_proj.weight":
+      up = tensors.get(f"{prefix}.mlp.experts.up_proj.weight")
+      if up is None or up.shape != value.shape:
+        layer = prefix.rsplit(".", 1)[1]
+        raise ValueError(f"GGUF tensor 'blk.{layer}.ffn_gate_exps.weight' {value.shape} needs a "
+                         f"'blk.{layer}.ffn_up_exps.weight' of the same shape; the file has "
+                         f"{'none' if up is None else up.shape}.")
+      out[f"{prefix}.mlp.experts.gate_up_proj"] = np.concatenate([value, up], axis=1)
+    elif f"{prefix}.mlp.experts.gate_proj.weight" not in tensors:
+      layer = prefix.rsplit(".", 1)[1]
+      raise ValueError(f"GGUF tensor 'blk.{layer}.ffn_up_exps.weight' has no 'blk.{layer}.ffn_gate_exps.weight' "
+                       "beside it; a mixture-of-experts layer needs both.")
+  return out
 
 
 def _gemma_config(meta, arch: str, config: dict) -> dict:
@@ -221,6 +280,7 @@ def read(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     raw[name] = value - 1.0 if arch in _GEMMA and name.endswith("norm.weight") else value  # stored as w + 1
   config = config_from_metadata(reader, raw)
   raw.pop(_ROPE_FREQS, None)
+  raw = _stack_gate_up(raw)
   if config["model_type"] in _PERMUTED_QK:
     for key in list(raw):
       if ".self_attn.q_proj." in key:
@@ -248,7 +308,7 @@ def read_blocks(path: str) -> dict[str, tuple[str, np.ndarray]]:
     if (tensor.tensor_type.name not in KEPT_BLOCK_TYPES or not tensor.name.startswith("blk.")
         or len(tensor.shape) != 2):
       continue
-    name = hf_name(tensor.name)
+    name = hf_name(tensor.name, _field(reader, "general.architecture"))
     rows = tensor.data.reshape(int(tensor.shape[1]), -1, GGML_QUANT_SIZES[tensor.tensor_type][1])
     if config["model_type"] in _PERMUTED_QK and ".self_attn.q_proj." in name:
       rows = unpermute(rows, config["num_attention_heads"])
