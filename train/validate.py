@@ -252,6 +252,9 @@ def check_method(config: ml_collections.ConfigDict, model, params, tokenizer_pat
   except ValueError as e:
     message = re.sub(r"^ModulesToSaveConfig\.modules=.*? match no module",
                      f"config.modules_to_save={config.get('modules_to_save')!r} matches no module", str(e))
+    experts = config.get("lora", {}).get("target_parameters")
+    message = re.sub(r"^ExpertLoraConfig\.targets=.*? match no",
+                     f"config.lora.target_parameters={experts!r} matches no", message)
     message = re.sub(r"^(?:\w*Config\.)?targets=.*? match no linear module",
                      f"config.{section}.{key}={typed!r} matches no linear module", message)
     raise ValueError(re.sub(methods.CONFIG_FIELD, f"config.{section}.", message)) from None
