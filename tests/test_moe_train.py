@@ -58,6 +58,8 @@ def test_expert_lora_run_exports_a_peft_folder_with_target_parameters(tmp_path):
     ("lora_qwen3", {"lora.target_parameters": "experts.gate_up_proj"},
      r"^config.lora.target_parameters='experts.gate_up_proj' matches no stacked expert weight; the model has no "
      r"mixture-of-experts layers"),
+    ("sweep_lora_bert_sentiment", {"lora.target_parameters": "down_proj"},
+     r"^config.lora.target_parameters='down_proj' cannot be used with config.sweep, "),
 ])
 def test_bad_target_parameters_are_refused_in_one_sentence(tmp_path, name, overrides, message):
   from train import validate

@@ -149,6 +149,9 @@ def check_sweep(config: ml_collections.ConfigDict) -> None:
   if config.lora.dropout:
     raise ValueError(f"config.lora.dropout={config.lora.dropout} cannot be used with config.sweep, which trains "
                      "without LoRA dropout; set it to 0.")
+  if config.lora.get("target_parameters"):
+    raise ValueError(f"config.lora.target_parameters={config.lora.target_parameters!r} cannot be used with "
+                     "config.sweep, whose members are LoRA on modules only; set it to ''.")
   for key, off, what in SWEEP_REFUSED:
     if config.get(key):
       raise ValueError(f"config.{key}={config[key]!r} cannot be used with config.sweep (it {what}); set it to {off!r}.")
