@@ -49,8 +49,8 @@ def test_expert_lora_run_exports_a_peft_folder_with_target_parameters(tmp_path):
 
 @pytest.mark.parametrize("name, overrides, message", [
     ("lora_mixtral", {"lora.target_parameters": "w1,w2"},
-     r"^config.lora.target_parameters='w1,w2' names no stacked expert weight; valid: 'gate_up_proj,down_proj' or "
-     r"one of them.$"),
+     r"^config.lora.target_parameters='w1,w2' is not valid; name the stacked expert weights 'gate_up_proj,down_proj' "
+     r"or one of them.$"),
     ("lora_mixtral", {"lora.target_parameters": "down_proj", "lora.dropout": 0.1},
      r"^config.lora.target_parameters='down_proj' needs config.lora.dropout=0 "),
     ("lora_mixtral", {"lora.target_parameters": "down_proj", "method": "dora"},

@@ -88,11 +88,12 @@ def _saved(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(n for n in config.get("modules_to_save", "").split(",") if n)
 
 
-def expert_targets(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """config.lora.target_parameters ("gate_up_proj,down_proj", PEFT's "experts." prefix allowed) -> the stacked
-  expert weights' names; () when the key is absent or empty."""
-  value = config.lora.get("target_parameters", "") if "lora" in config else ""
-  return tuple(n.strip().removeprefix("experts.") for n in value.split(",") if n.strip())
+def _expert_targets(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """config.lora.target_parameters ("gate_up_proj,down_proj" or a tuple of names, PEFT's "experts." prefix allowed)
+  -> the stacked expert weights' names; () when the key is absent or empty."""
+  value = config.lora.get("target_parameters", "") or ""
+  names = value.split(",") if isinstance(value, str) else value
+  return tuple(str(n).strip().removeprefix("experts.") for n in names if str(n).strip())
 
 
 def _expert_lora(config) -> lora_experts.ExpertLoraConfig:
@@ -104,9 +105,9 @@ def _expert_lora(config) -> lora_experts.ExpertLoraConfig:
   if config.lora.dropout:
     raise ValueError(f"config.lora.target_parameters={typed!r} needs config.lora.dropout=0 (PEFT has no dropout on "
                      f"expert weights), not {config.lora.dropout}.")
-  names = expert_targets(config)
+  names = _expert_targets(config)
   if not set(names) <= set(lora_experts.WEIGHTS):
-    raise ValueError(f"config.lora.target_parameters={typed!r} names no stacked expert weight; valid: "
+    raise ValueError(f"config.lora.target_parameters={typed!r} is not valid; name the stacked expert weights "
                      f"{','.join(lora_experts.WEIGHTS)!r} or one of them.")
   return lora_experts.ExpertLoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=names)
 
@@ -115,7 +116,7 @@ def _lora(config, model_type, tokenizer_path):
   cls = dora.DoraConfig if config.method == "dora" else pj.LoraConfig
   cfg = cls(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
             targets=names_or_regex(config.lora.targets))
-  return [cfg, _expert_lora(config)] if expert_targets(config) else cfg
+  return [cfg, _expert_lora(config)] if _expert_targets(config) else cfg
 
 
 def _adalora(config, model_type, tokenizer_path):
