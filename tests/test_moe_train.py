@@ -18,6 +18,8 @@ from test_train_zoo import adapted_logits, load_config
 
 @pytest.mark.slow
 def test_expert_lora_run_exports_a_peft_folder_with_target_parameters(tmp_path):
+  """configs/lora_mixtral.py:experts shrunk to 4 steps: the experts' LoRA trains, and peft on workdir/base +
+  workdir/adapter, train.predict's loader and train.merge's folder all give the run's logits."""
   import train
   from train import inference, merge
   config = load_config("lora_mixtral", tmp_path, "experts", steps=4, batch_size=4, max_length=16, eval_examples=4,
