@@ -448,6 +448,9 @@ def adapter_files(cfg, adapters, base_model_name_or_path: str | None = None, tas
                   state: dict | None = None) -> tuple[dict, dict[str, np.ndarray]]:
   """(adapter_config.json entries, safetensors tensors) of the Hugging Face PEFT folder `save_adapter` writes."""
   cfgs, trees = (list(cfg), list(adapters)) if isinstance(cfg, (list, tuple)) else ([cfg], [adapters])
+  from peftjax.methods import lora_experts  # noqa: PLC0415 (it imports this module)
+  if any(isinstance(c, lora_experts.ExpertLoraConfig) for c in cfgs):  # LoRA with target_parameters
+    return lora_experts.adapter_files(cfgs, trees, base_model_name_or_path, task_type)
   saved = [i for i, c in enumerate(cfgs) if isinstance(c, modules_to_save.ModulesToSaveConfig)]
   methods = [i for i in range(len(cfgs)) if i not in saved]
   if len(trees) != len(cfgs):
@@ -484,10 +487,10 @@ def save_adapter(folder: str, cfg, adapters, base_model_name_or_path: str | None
 
   `cfg` is a LoraConfig, DoraConfig, AdaLoraConfig (with the allocator `state`, see `save_adalora_adapter`),
   IA3Config, PromptTuningConfig, PTuningConfig, PrefixTuningConfig or PTuningV2Config, or a list of one of
-  them and a ModulesToSaveConfig (with `adapters` the matching tuple).  Soft prompts are saved folded, as PEFT
-  saves them, and need `task_type` (see `peftjax.interop_prompts`).  A method or setting PEFT has no format for
-  (bottleneck adapters, UniPELT, several methods, encoder prefixes, placeholder templates) raises
-  NoPeftFormatError (a ValueError) before anything is written.
+  them and a ModulesToSaveConfig (with `adapters` the matching tuple), or a list with an ExpertLoraConfig (written by
+  `lora_experts.save_peft_adapter`).  Soft prompts are saved folded, as PEFT saves them, and need `task_type` (see
+  `peftjax.interop_prompts`).  A method or setting PEFT has no format for (bottleneck adapters, UniPELT, several
+  methods, encoder prefixes, placeholder templates) raises NoPeftFormatError (a ValueError) before anything is written.
   """
   write_folder(folder, *adapter_files(cfg, adapters, base_model_name_or_path, task_type, state))
 
@@ -496,10 +499,14 @@ def load_adapter(folder: str, params: dict):
   """Reads any Hugging Face PEFT folder that `save_adapter` writes, for the base tree `params`: (config, adapters).
 
   With ``modules_to_save`` in the file, both come back as a list [method config, ModulesToSaveConfig] and a
-  tuple of two trees.  Soft prompts come back folded (prompt tuning for P-tuning, the plain table for prefix
-  tuning), as PEFT loads them for inference.  AdaLoRA's allocator state: `load_adalora_adapter`.
+  tuple of two trees; with ``target_parameters``, as `lora_experts.load_peft_adapter` reads them.  Soft prompts come
+  back folded (prompt tuning for P-tuning, the plain table for prefix tuning), as PEFT loads them for inference.
+  AdaLoRA's allocator state: `load_adalora_adapter`.
   """
   config, tensors = adapter_schema.read_folder(folder)  # peft_type is one of PEFT_TYPES
+  if config.get("target_parameters"):  # LoRA on stacked expert weights too
+    from peftjax.methods import lora_experts  # noqa: PLC0415 (it imports this module)
+    return lora_experts.load_peft_adapter(folder, params)
   peft_type = config["peft_type"]
   prompt = peft_type in interop_prompts.PEFT_TYPES
   names = config.get("modules_to_save")

@@ -1,7 +1,9 @@
 """config.method -> the peftjax method config(s) that `pj.init` / `pj.apply` / `pj.merge` take, and the training hooks.
 
 Each method reads its own config section (`METHODS`: method -> (section, builder)):
-  lora, dora                 config.lora (as Hugging Face's LoraConfig(use_dora=True) does)
+  lora, dora                 config.lora (as Hugging Face's LoraConfig(use_dora=True) does); for LoRA on a
+                               mixture-of-experts model, config.lora.target_parameters ("gate_up_proj,down_proj",
+                               PEFT's name) adds LoRA on the stacked expert weights (`lora_experts.ExpertLoraConfig`)
   adalora                    config.adalora; total_step is config.steps
   ia3                        config.ia3
   bitfit                     config.bitfit
@@ -30,8 +32,8 @@ import numpy as np
 
 import peftjax as pj
 from peftjax import api, distributed
-from peftjax.methods import (adalora, bitfit, bottleneck_adapter, dora, ia3, mam, modules_to_save, p_tuning,
-                             prefix_tuning, prompt_tuning, unipelt)
+from peftjax.methods import (adalora, bitfit, bottleneck_adapter, dora, ia3, lora_experts, mam, modules_to_save,
+                             p_tuning, prefix_tuning, prompt_tuning, unipelt)
 
 # The keys each new section may hold (those the methods reading it use).
 SECTION_KEYS = {
@@ -86,10 +88,35 @@ def _saved(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   return tuple(n for n in config.get("modules_to_save", "").split(",") if n)
 
 
+def _expert_targets(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """config.lora.target_parameters ("gate_up_proj,down_proj" or a tuple of names, PEFT's "experts." prefix allowed)
+  -> the stacked expert weights' names; () when the key is absent or empty."""
+  value = config.lora.get("target_parameters", "") or ""
+  names = value.split(",") if isinstance(value, str) else value
+  return tuple(str(n).strip().removeprefix("experts.") for n in names if str(n).strip())
+
+
+def _expert_lora(config) -> lora_experts.ExpertLoraConfig:
+  """LoRA on the stacked expert weights (PEFT's target_parameters) with config.lora's rank and alpha."""
+  typed = config.lora.target_parameters
+  if config.method != "lora":
+    raise ValueError(f"config.lora.target_parameters={typed!r} needs config.method='lora' (PEFT has no "
+                     f"{config.method} on expert weights); set config.lora.target_parameters=''.")
+  if config.lora.dropout:
+    raise ValueError(f"config.lora.target_parameters={typed!r} needs config.lora.dropout=0 (PEFT has no dropout on "
+                     f"expert weights), not {config.lora.dropout}.")
+  names = _expert_targets(config)
+  if not set(names) <= set(lora_experts.WEIGHTS):
+    raise ValueError(f"config.lora.target_parameters={typed!r} is not valid; name the stacked expert weights "
+                     f"{','.join(lora_experts.WEIGHTS)!r} or one of them.")
+  return lora_experts.ExpertLoraConfig(rank=config.lora.rank, alpha=config.lora.alpha, targets=names)
+
+
 def _lora(config, model_type, tokenizer_path):
   cls = dora.DoraConfig if config.method == "dora" else pj.LoraConfig
-  return cls(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
-             targets=names_or_regex(config.lora.targets))
+  cfg = cls(rank=config.lora.rank, alpha=config.lora.alpha, dropout=config.lora.dropout,
+            targets=names_or_regex(config.lora.targets))
+  return [cfg, _expert_lora(config)] if _expert_targets(config) else cfg
 
 
 def _adalora(config, model_type, tokenizer_path):

@@ -149,6 +149,9 @@ def check_sweep(config: ml_collections.ConfigDict) -> None:
   if config.lora.dropout:
     raise ValueError(f"config.lora.dropout={config.lora.dropout} cannot be used with config.sweep, which trains "
                      "without LoRA dropout; set it to 0.")
+  if config.lora.get("target_parameters"):
+    raise ValueError(f"config.lora.target_parameters={config.lora.target_parameters!r} cannot be used with "
+                     "config.sweep, whose members are LoRA on modules only; set it to ''.")
   for key, off, what in SWEEP_REFUSED:
     if config.get(key):
       raise ValueError(f"config.{key}={config[key]!r} cannot be used with config.sweep (it {what}); set it to {off!r}.")
@@ -252,6 +255,9 @@ def check_method(config: ml_collections.ConfigDict, model, params, tokenizer_pat
   except ValueError as e:
     message = re.sub(r"^ModulesToSaveConfig\.modules=.*? match no module",
                      f"config.modules_to_save={config.get('modules_to_save')!r} matches no module", str(e))
+    experts = config.get("lora", {}).get("target_parameters")
+    message = re.sub(r"^ExpertLoraConfig\.targets=.*? match no",
+                     f"config.lora.target_parameters={experts!r} matches no", message)
     message = re.sub(r"^(?:\w*Config\.)?targets=.*? match no linear module",
                      f"config.{section}.{key}={typed!r} matches no linear module", message)
     raise ValueError(re.sub(methods.CONFIG_FIELD, f"config.{section}.", message)) from None

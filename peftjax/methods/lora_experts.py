@@ -31,7 +31,7 @@ from peftjax.methods import lora
 from peftjax.models import moe
 
 COLLECTION = "lora_experts"
-_WEIGHTS = ("gate_up_proj", "down_proj")  # in the order transformers 5.23's experts modules define them
+WEIGHTS = ("gate_up_proj", "down_proj")  # in the order transformers 5.23's experts modules define them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +45,9 @@ class ExpertLoraConfig:
   def __post_init__(self):
     if self.rank < 1:
       raise ValueError(f"ExpertLoraConfig.rank must be a positive integer, got {self.rank}.")
-    if not self.targets or not set(self.targets) <= set(_WEIGHTS):
+    if not self.targets or not set(self.targets) <= set(WEIGHTS):
       raise ValueError(f"ExpertLoraConfig.targets={self.targets!r}: valid are 'gate_up_proj' and 'down_proj'.")
-    object.__setattr__(self, "targets", tuple(t for t in _WEIGHTS if t in self.targets))  # the experts' order
+    object.__setattr__(self, "targets", tuple(t for t in WEIGHTS if t in self.targets))  # the experts' order
 
   @property
   def scaling(self) -> float:
@@ -160,6 +160,12 @@ def save_peft_adapter(folder: str, cfgs: Sequence[Any], adapters: Sequence[Any],
   """Writes [LoraConfig, ExpertLoraConfig] (optionally with a ModulesToSaveConfig) and their adapter trees as one
   PEFT LoRA folder: target_modules from the LoraConfig, target_parameters from the ExpertLoraConfig.  PEFT has one
   r and lora_alpha for both, and no dropout on expert weights, so the two configs must agree."""
+  interop.write_folder(folder, *adapter_files(cfgs, adapters, base_model_name_or_path, task_type))
+
+
+def adapter_files(cfgs: Sequence[Any], adapters: Sequence[Any], base_model_name_or_path: str | None = None,
+                  task_type: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+  """(adapter_config.json entries, tensors) of the folder `save_peft_adapter` writes."""
   experts = [i for i, c in enumerate(cfgs) if isinstance(c, ExpertLoraConfig)]
   lora_cfgs = [c for c in cfgs if type(c) is lora.LoraConfig]
   if len(experts) != 1 or len(lora_cfgs) != 1:
@@ -175,7 +181,7 @@ def save_peft_adapter(folder: str, cfgs: Sequence[Any], adapters: Sequence[Any],
   config, tensors = interop.adapter_files([cfgs[i] for i in rest], tuple(adapters[i] for i in rest),
                                           base_model_name_or_path, task_type)
   more_config, more = peft_files(cfg, adapters[experts[0]])
-  interop.write_folder(folder, {**config, **more_config}, {**tensors, **more})
+  return {**config, **more_config}, {**tensors, **more}
 
 
 def load_peft_adapter(folder: str, params: dict) -> tuple[list, tuple]:
