@@ -102,5 +102,5 @@ def test_bad_task_type_gives_one_clear_sentence(tmp_path):
   config = test_train.load_config("lora_t5", None, workdir=str(tmp_path))
   config.task_type = "sequence_classification"
   with pytest.raises(ValueError, match=r"not available for config.family='t5'; families with a sequence classifier: "
-                                       r"\['bert', 'gpt2', 'llama', 'roberta'\]"):
+                                       r"\['bert', 'gemma', 'gpt2', 'llama', 'roberta'\]"):
     validate.check_sections(config)
