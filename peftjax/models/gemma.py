@@ -233,8 +233,9 @@ class GemmaAttention(nn.Module):
       self.k_norm = GemmaRMSNorm(c.rms_norm_eps, name="k_norm", **norm)
     self.dropout = Dropout(c.attention_dropout)
 
-  def __call__(self, x, cos, sin, mask, prefix_kv, cache, cache_index, deterministic: bool):
-    """x (batch, q, hidden); mask (batch, 1, q, keys) True where attending is allowed; `cache` as llama's."""
+  def __call__(self, x, cos, sin, mask, prefix_kv, cache, cache_index, deterministic: bool, layer=None):
+    """x (batch, q, hidden); mask (batch, 1, q, keys) True where attending is allowed; `cache` and `layer` as
+    llama's."""
     c = self.config
     batch, length = x.shape[:2]
     query = self.q_proj(x).reshape(batch, length, c.num_attention_heads, c.head_dim)
@@ -244,10 +245,7 @@ class GemmaAttention(nn.Module):
       query, key = self.q_norm(query), self.k_norm(key)
     query, key = llama.apply_rotary(query, cos, sin), llama.apply_rotary(key, cos, sin)
     if cache is not None:
-      start = (0, cache_index, 0, 0)
-      key = jax.lax.dynamic_update_slice(cache["key"], key.astype(cache["key"].dtype), start)
-      value = jax.lax.dynamic_update_slice(cache["value"], value.astype(cache["value"].dtype), start)
-      cache = {"key": key, "value": value}
+      key, value, cache = decoding.write_cache(cache, layer, cache_index, key, value)
     if prefix_kv is not None:
       key = jnp.concatenate([prefix_kv[0].astype(key.dtype), key], axis=1)
       value = jnp.concatenate([prefix_kv[1].astype(value.dtype), value], axis=1)
@@ -286,7 +284,7 @@ class GemmaDecoderLayer(nn.Module):
   param_dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, rope, masks, local, prefix_kv, cache, cache_index, deterministic: bool):
+  def __call__(self, x, rope, masks, local, prefix_kv, cache, cache_index, deterministic: bool, layer=None):
     """`rope` is (global cos, sin, local cos, sin), `masks` (full, windowed or None); `local` (a bool, traced
     under scan) picks the sliding layer's."""
     c = self.config
@@ -296,7 +294,7 @@ class GemmaDecoderLayer(nn.Module):
     cos, sin = jnp.where(local, rope[2], rope[0]), jnp.where(local, rope[3], rope[1])
     norm = functools.partial(GemmaRMSNorm, c.rms_norm_eps, **kw)
     h, cache = GemmaAttention(c, name="self_attn", **kw)(norm(name="input_layernorm")(x), cos, sin, mask, prefix_kv,
-                                                         cache, cache_index, deterministic)
+                                                         cache, cache_index, deterministic, layer)
     x = x + norm(name="post_attention_layernorm")(h)
     h = GemmaMLP(c, name="mlp", **kw)(norm(name="pre_feedforward_layernorm")(x))
     return x + norm(name="post_feedforward_layernorm")(h), cache
@@ -345,14 +343,9 @@ class GemmaModel(nn.Module):
         prefix_kv = tuple(jnp.stack(t) for t in zip(*prefix_kv))
       x, cache = self.layers(x, rope, masks, jnp.asarray(local), prefix_kv, cache, cache_index, deterministic)
     else:
-      layer_caches = []
-      for i, layer in enumerate(self.layers):
-        layer_cache = None if cache is None else {k: v[i] for k, v in cache.items()}
-        x, layer_cache = layer(x, rope, masks, local[i], None if prefix_kv is None else prefix_kv[i], layer_cache,
-                               cache_index, deterministic)
-        layer_caches.append(layer_cache)
-      if cache is not None:
-        cache = {k: jnp.stack([lc[k] for lc in layer_caches]) for k in cache}
+      for i, layer in enumerate(self.layers):  # each writes its slots of the stacked cache in place
+        x, cache = layer(x, rope, masks, local[i], None if prefix_kv is None else prefix_kv[i], cache, cache_index,
+                         deterministic, i)
     return self.norm(x), cache
 
 
