@@ -322,10 +322,13 @@ def _prefix(config: llama.LlamaConfig, seed: int, batch: int, n_prefix: int = 4)
   return [tuple(rng.normal(size=shape).astype(np.float32) for _ in range(2)) for _ in range(config.num_hidden_layers)]
 
 
-def test_prefix_kv_matches_transformers_past_key_values(checkpoints):
+@pytest.mark.parametrize("variant", ["llama3", "mistral", "qwen2"])
+def test_prefix_kv_matches_transformers_past_key_values(checkpoints, variant):
+  """A prefix in transformers' past_key_values cache, both padding sides; in Mistral's and Qwen2's sliding layers
+  (windows of 4 and 5 slots, shorter than 4 prefix slots + 9 tokens) the prefix leaves each query's window."""
   from transformers import DynamicCache
-  torch_model = _load_torch(checkpoints["llama3"], "llama3")
-  model, params = llama.from_pretrained(checkpoints["llama3"])
+  torch_model = _load_torch(checkpoints[variant], variant)
+  model, params = llama.from_pretrained(checkpoints[variant])
   prefix_kv = _prefix(model.config, 0, 3)
   for batch in (RIGHT, LEFT):
     cache = DynamicCache(config=torch_model.config)
@@ -338,7 +341,7 @@ def test_prefix_kv_matches_transformers_past_key_values(checkpoints):
     ours = _logits(model, params, batch, prefix_kv=prefix_kv)
     assert _max_diff(ours, expected.numpy(), mask) < 1e-4
     assert _max_diff(ours, _logits(model, params, batch), mask) > 1e-2
-  scanned, stacked = llama.from_pretrained(checkpoints["llama3"], scan_layers=True)
+  scanned, stacked = llama.from_pretrained(checkpoints[variant], scan_layers=True)
   assert _max_diff(_logits(scanned, stacked, LEFT, prefix_kv=prefix_kv), ours) < 1e-5
 
 

@@ -349,21 +349,6 @@ class GemmaModel(nn.Module):
     return self.norm(x), cache
 
 
-def attention_masks(config: GemmaConfig, attention_mask, query_length: int, cache_index, n_prefix: int):
-  """`llama.attention_masks`, except that in the sliding layers a prefix slot j (prefix tuning's keys, slots 0..k-1
-  in front of the tokens) stays visible only to queries fewer than `sliding_window` positions after it, as
-  transformers' sliding window treats keys that PEFT puts in a past_key_values cache.  Distances count slots, padding
-  included (as transformers' cache positions do), so left padding between the prefix and a row's tokens moves the
-  prefix out of that row's window sooner; `generate`'s bucket padding therefore changes prefix-tuned rows shorter
-  than the bucket when the window is shorter than prefix + prompt."""
-  full, windowed = llama.attention_masks(config, attention_mask, query_length, cache_index, n_prefix)
-  if n_prefix and windowed is not None:
-    query_positions = n_prefix + cache_index + jnp.arange(query_length)[:, None]
-    in_window = query_positions - jnp.arange(n_prefix)[None, :] < config.sliding_window
-    windowed = jnp.concatenate([windowed[..., :n_prefix] & in_window, windowed[..., n_prefix:]], axis=-1)
-  return full, windowed
-
-
 def _hidden(head: nn.Module, input_ids, inputs_embeds, attention_mask, position_ids, prefix_kv, cache, cache_index,
             deterministic):
   """`head.model`'s final hidden states and cache, with the default positions and masks (as llama's)."""
@@ -376,7 +361,7 @@ def _hidden(head: nn.Module, input_ids, inputs_embeds, attention_mask, position_
     position_ids = cache_index + jnp.arange(length)[None]
   if attention_mask is None:
     attention_mask = jnp.ones((batch, length if cache is None else cache["key"].shape[2]), jnp.int32)
-  masks = attention_masks(head.config, attention_mask, length, cache_index, n_prefix)
+  masks = llama.attention_masks(head.config, attention_mask, length, cache_index, n_prefix)
   return head.model(embeddings, position_ids + n_prefix, masks, prefix_kv, cache, cache_index, deterministic)
 
 

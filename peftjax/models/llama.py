@@ -23,9 +23,9 @@ i - window < j <= i (slots count padding, as Hugging Face's cache does).
 
 Hooks for prompt methods: `inputs_embeds` replaces the token embeddings; `prefix_kv` (one (key, value)
 pair per layer, each (batch, n_prefix, num_key_value_heads, head_dim), keys already rotated as in
-Hugging Face's past_key_values) is prepended to every layer's keys and values, always attended (also
-by sliding-window layers), and the tokens' rotary positions start at n_prefix, as Hugging Face PEFT
-prefix tuning does through past_key_values.
+Hugging Face's past_key_values) is prepended to every layer's keys and values, attended as cache slots in front of
+the tokens (so sliding-window layers drop it for queries a window past it), and the tokens' rotary positions start
+at n_prefix, as Hugging Face PEFT prefix tuning does through past_key_values.
 
 `LlamaForSequenceClassification` (transformers' Llama / Mistral / Qwen2 / Qwen3ForSequenceClassification) puts a
 bias-free ``score`` Dense on each row's last token (the rightmost one that is not config.pad_token_id, as
@@ -429,7 +429,11 @@ def attention_masks(config: LlamaConfig, attention_mask, query_length: int, cach
 
   Keys are allowed at or before each query's slot when not padding and in the query's segment
   (`layers.same_segment`: packed rows); windowed masks also drop keys `sliding_window` or more slots back.  The
-  prefix is always allowed.
+  prefix (prefix tuning's keys, slots 0..n_prefix-1 in front of the tokens) is always allowed in the full mask; in
+  the windowed one a prefix slot stays visible only to queries fewer than `sliding_window` slots after it, as
+  transformers' sliding window treats keys that PEFT puts in a past_key_values cache.  Slots count padding, as
+  transformers' cache positions do, so left padding between the prefix and a row's tokens moves the prefix out of
+  that row's window sooner.
   """
   query_slots = cache_index + jnp.arange(query_length)[:, None]
   key_slots = jnp.arange(attention_mask.shape[1])[None, :]
@@ -442,7 +446,9 @@ def attention_masks(config: LlamaConfig, attention_mask, query_length: int, cach
   if n_prefix:
     prefix = jnp.ones((*full.shape[:3], n_prefix), bool)
     full = jnp.concatenate([prefix, full], axis=-1)
-    windowed = None if windowed is None else jnp.concatenate([prefix, windowed], axis=-1)
+    if windowed is not None:
+      in_window = n_prefix + query_slots - jnp.arange(n_prefix)[None, :] < config.sliding_window
+      windowed = jnp.concatenate([prefix & in_window, windowed], axis=-1)
   return full, windowed
 
 
