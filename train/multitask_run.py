@@ -194,7 +194,8 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
         writer.add_scalar(f"eval/{name}/{n}", v, step)
 
   state, opt_state = train_state["multitask"], train_state["opt_state"]
-  log_eval(start_step, evaluate(state, params, held_out))
+  before = evaluate(state, params, held_out)
+  log_eval(start_step, before)
   orders = [data.batch_indices(len(rows["labels"]), per_task, config.seed, p["epoch"], p["index"])
             for rows, p in zip(train_data, position["tasks"])]
   losses, pending, logged, start = [], [], [float("nan")] * k, time.perf_counter()
@@ -244,5 +245,5 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
         f"({config.steps - start_step} steps in {train_seconds:.1f}s)")
   run_record.write(workdir, config, finished_step=config.steps)
   return {"start_step": start_step, "final_step": config.steps, "names": names, "members": members, "rows": rows,
-          "losses": np.asarray(losses), "after": after, "state": state, "model": model, "params": params,
+          "losses": np.asarray(losses), "before": before, "after": after, "state": state, "model": model, "params": params,
           "workdir": workdir, "config": config}

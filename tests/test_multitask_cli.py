@@ -1,0 +1,159 @@
+"""`python -m train` with config.multitask (`train.multitask_run`) on a tiny random GPT-2: two causal LM tasks (the
+built-in IMDB reviews, and a user CSV file read through its own text column) with their own learning rates and
+ranks.  The table files and one PEFT folder per task; each task's exported adapter and held-out loss equal a
+separate `python -m train` run on that task alone (batch size batch_size / 2, its settings); a rerun of the finished
+run rewrites nothing; a task folder loads in the real peft with our logits; bad configs are refused in one
+sentence naming the key."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+
+import train
+from peftjax import stacked_lora
+from peftjax import tree as ptree
+from train import data, multitask_run, validate
+
+import test_train  # tests/ is on sys.path under pytest
+
+TINY = {"model_shape.n_embd": 32, "model_shape.n_layer": 2, "model_shape.n_head": 4, "model_shape.n_positions": 32,
+        "steps": 6, "batch_size": 4, "max_length": 16, "eval_examples": 8, "train_examples": 24, "log_every": 3,
+        "checkpoint_every": 6, "lora.rank": 2, "lora.alpha": 4.0, "optimizer.learning_rate": 1e-2,
+        "optimizer.warmup_steps": 2, "optimizer.decay_steps": 6}
+
+
+def _news_csv(path) -> str:
+  """A user data file: 40 BBC News articles in a column named 'body' (beside an unused 'title' column)."""
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, ["title", "body"])
+    writer.writeheader()
+    writer.writerows({"title": f"article {i}", "body": text} for i, text in enumerate(data.bbc_news()[:40]))
+  return str(path)
+
+
+def multitask_config(workdir, news_file, **overrides):
+  config = test_train.load_config("multitask_lora_gpt2", **{**TINY, "workdir": str(workdir)})
+  config.multitask.update(dict(tasks=("imdb", news_file), data=({}, {"text_column": "body"}),
+                               learning_rate=(1e-2, 3e-3), rank=(2, 4)))
+  return test_train.override(config, overrides)
+
+
+@pytest.fixture(scope="module")
+def news_file(tmp_path_factory):
+  return _news_csv(tmp_path_factory.mktemp("data") / "news.csv")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, news_file):
+  """The tiny two-task run, once through `train.main` (what `python -m train` calls)."""
+  return train.main(multitask_config(tmp_path_factory.mktemp("multitask"), news_file))
+
+
+def _tensors(folder: str) -> dict:
+  return safetensors.numpy.load_file(os.path.join(folder, "adapter_model.safetensors"))
+
+
+def _files(workdir: str) -> dict:
+  return {os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
+          for root, _, names in os.walk(workdir) for name in names}
+
+
+@pytest.mark.slow
+def test_the_table_and_each_task_adapter_equal_its_own_single_task_run(trained, tmp_path):
+  workdir, names = trained["workdir"], trained["names"]
+  assert names == ["imdb", "news"]
+  with open(os.path.join(workdir, "multitask.json")) as f:
+    rows = json.load(f)
+  assert [(r["task"], r["rank"], r["learning_rate"]) for r in rows] == [("imdb", 2, 1e-2), ("news", 4, 3e-3)]
+  assert rows[1]["trainable_params"] == 2 * rows[0]["trainable_params"]  # rank 4 against rank 2, same targets
+  assert all(np.isfinite(r["eval_loss"]) and r["eval_perplexity"] > 1 for r in rows)
+  with open(os.path.join(workdir, "multitask.csv")) as f:
+    assert f.readline().strip() == ",".join(rows[0])
+  with open(os.path.join(workdir, "multitask.md")) as f:
+    markdown = f.read()
+  assert all(name in markdown for name in names)
+  assert sorted(os.listdir(os.path.join(workdir, "tasks"))) == sorted(names)
+  before = _files(workdir)
+  assert train.main(trained["config"])["finished"]  # a finished run rerun rewrites nothing
+  assert _files(workdir) == before
+  assert trained["losses"].shape == (6, 2)
+  assert all(after["loss"] < before["loss"] for before, after in zip(trained["before"], trained["after"]))
+
+  for k, member in enumerate(trained["members"]):  # task k alone: its rows per batch, its settings
+    config = multitask_run.task_config(trained["config"], k)
+    config.update(dict(workdir=str(tmp_path / f"single_{k}"), batch_size=2))
+    config.lora.update(dict(rank=member.rank, alpha=member.alpha))
+    config.optimizer.learning_rate = member.learning_rate
+    single = train.main(config)
+    alone, together = _tensors(f"{single['workdir']}/adapter"), _tensors(f"{workdir}/tasks/{names[k]}")
+    assert sorted(alone) == sorted(together)
+    for key in alone:
+      np.testing.assert_allclose(together[key], alone[key], atol=1e-5, err_msg=key)
+    assert abs(single["after"]["loss"] - rows[k]["eval_loss"]) < 1e-5
+    with open(f"{single['workdir']}/adapter/adapter_config.json") as f, \
+         open(f"{workdir}/tasks/{names[k]}/adapter_config.json") as g:
+      alone_cfg, together_cfg = json.load(f), json.load(g)
+    assert {k_: v for k_, v in alone_cfg.items() if k_ != "base_model_name_or_path"} == \
+        {k_: v for k_, v in together_cfg.items() if k_ != "base_model_name_or_path"}
+
+
+@pytest.mark.slow
+def test_a_task_folder_loads_in_peft_with_our_logits(trained):
+  import peft
+  import torch
+  import transformers
+  workdir, k = trained["workdir"], 1
+  base = transformers.AutoModelForCausalLM.from_pretrained(f"{workdir}/base")
+  peft_model = peft.PeftModel.from_pretrained(base, f"{workdir}/tasks/{trained['names'][k]}").eval()
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1000, 2000, size=(3, 10)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 6:] = 0
+  with torch.no_grad():
+    expected = peft_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits
+  state = trained["state"]
+  mixed = stacked_lora.apply(trained["model"].apply)
+  stacked = ptree.combine(state["trainable"]["lora"], state["scaling"])
+  logits = {t: np.asarray(mixed(trained["params"], stacked, jnp.full(3, t), ids, mask)) for t in (0, 1)}
+  valid = mask.astype(bool)  # a padded position's logits are not compared
+  np.testing.assert_allclose(logits[k][valid], expected.numpy()[valid], atol=1e-4)
+  assert np.abs(logits[k] - logits[0]).max() > 1e-4  # the tasks' adapters differ
+
+
+@pytest.mark.parametrize("overrides, words", [
+    ({"multitask.tasks": ("imdb", "wikipedia")}, "config.multitask.tasks[1]='wikipedia' is not a known task"),
+    ({"multitask.tasks": ("imdb",)}, "config.multitask.tasks=('imdb',) must list two or more tasks"),
+    ({"method": "ia3"}, "config.method='ia3' cannot be used with config.multitask"),
+    ({"multitask.rank": (2, 4, 8)}, "config.multitask.rank=(2, 4, 8) must be () (the run's own value"),
+    ({"multitask.data": ({}, {"text": "body"})}, "config.multitask.data[1]={'text': 'body'} must be a dict"),
+    ({"batch_size": 5}, "config.batch_size=5 must be a multiple of the 2 tasks"),
+    ({"packing": True}, "config.packing=True cannot be used with config.multitask"),
+    ({"lora.dropout": 0.1}, "config.lora.dropout=0.1 cannot be used with config.multitask"),
+    ({"family": "bert"}, "config.multitask needs tasks that share the model's output layer"),
+])
+def test_bad_multitask_configs_are_refused_in_one_sentence(tmp_path, overrides, words):
+  config = multitask_config(tmp_path, "news.csv", **overrides)
+  with pytest.raises(ValueError, match="^" + "".join("\\" + c if c in "()[].{}*+?" else c for c in words)) as e:
+    validate.check_sections(config)
+  assert "\n" not in str(e.value)
+
+
+def test_the_command_names_a_bad_task_before_any_compute(tmp_path):
+  done = subprocess.run([sys.executable, "-m", "train", "--config", str(test_train.ROOT / "configs" /
+                         "multitask_lora_gpt2.py"), "--config.multitask.tasks=('imdb',)",
+                         f"--config.workdir={tmp_path}/w"], capture_output=True, text=True, cwd=test_train.ROOT,
+                        env={**os.environ, "PYTHONPATH": str(test_train.ROOT)})
+  assert done.returncode == 1
+  assert done.stderr.strip().splitlines()[-1] == (
+      "error: config.multitask.tasks=('imdb',) must list two or more tasks (built-in task names or data files), "
+      "e.g. ('imdb', 'bbc_news').")
+  assert not os.path.exists(f"{tmp_path}/w")
