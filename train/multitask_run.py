@@ -142,8 +142,9 @@ def _export(workdir, config, model, params, tokenizer, task, lora_cfg, names, me
 
 def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -> dict:
   """Trains one LoRA adapter per task of config.multitask in one compiled step, evaluates each on its own held-out
-  rows and exports each; returns a summary ({'start_step', 'names', 'rows', 'losses' (steps run, K), 'state',
-  'workdir', ...}); rerun, it resumes from the newest checkpoint in config.workdir."""
+  rows and exports each; returns a summary ({'start_step', 'names', 'rows', 'losses' (steps run, K), 'before' and
+  'after' (each task's held-out metrics), 'state', 'workdir', ...}); rerun, it resumes from the newest checkpoint
+  in config.workdir."""
   validate.check(config)
   names, members = task_names(config.multitask.tasks), task_members(config)
   k, per_task = len(names), config.batch_size // len(names)
@@ -245,5 +246,5 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
         f"({config.steps - start_step} steps in {train_seconds:.1f}s)")
   run_record.write(workdir, config, finished_step=config.steps)
   return {"start_step": start_step, "final_step": config.steps, "names": names, "members": members, "rows": rows,
-          "losses": np.asarray(losses), "before": before, "after": after, "state": state, "model": model, "params": params,
-          "workdir": workdir, "config": config}
+          "losses": np.asarray(losses), "before": before, "after": after, "state": state, "model": model,
+          "params": params, "workdir": workdir, "config": config}
