@@ -2,8 +2,8 @@
 built-in IMDB reviews, and a user CSV file read through its own text column) with their own learning rates and
 ranks.  The table files and one PEFT folder per task; each task's exported adapter and held-out loss equal a
 separate `python -m train` run on that task alone (batch size batch_size / 2, its settings); a rerun of the finished
-run rewrites nothing; a task folder loads in the real peft with our logits; bad configs are refused in one
-sentence naming the key."""
+run rewrites nothing; a run stopped at step 3 resumes to the same adapters; a task folder loads in the real peft
+with our logits; bad configs are refused in one sentence naming the key."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -104,6 +105,16 @@ def test_the_table_and_each_task_adapter_equal_its_own_single_task_run(trained, 
       alone_cfg, together_cfg = json.load(f), json.load(g)
     assert {k_: v for k_, v in alone_cfg.items() if k_ != "base_model_name_or_path"} == \
         {k_: v for k_, v in together_cfg.items() if k_ != "base_model_name_or_path"}
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_to_the_same_adapters(trained, news_file, tmp_path):
+  assert train.main(multitask_config(tmp_path, news_file, steps=3, checkpoint_every=3))["final_step"] == 3
+  resumed = train.main(multitask_config(tmp_path, news_file, checkpoint_every=3))
+  assert resumed["start_step"] == 3 and resumed["losses"].shape == (3, 2)
+  np.testing.assert_allclose(resumed["losses"], trained["losses"][3:], atol=1e-6)
+  for a, b in zip(jax.tree.leaves(resumed["state"]), jax.tree.leaves(trained["state"])):
+    np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 @pytest.mark.slow
