@@ -3,7 +3,8 @@ built-in IMDB reviews, and a user CSV file read through its own text column) wit
 ranks.  The table files and one PEFT folder per task; each task's exported adapter and held-out loss equal a
 separate `python -m train` run on that task alone (batch size batch_size / 2, its settings); a rerun of the finished
 run rewrites nothing; a run stopped at step 3 resumes to the same adapters; a task folder loads in the real peft
-with our logits; bad configs are refused in one sentence naming the key."""
+with our logits; two T5 text-to-text tasks train as their single-task runs too; bad configs are refused in one
+sentence naming the key."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -138,6 +140,27 @@ def test_a_task_folder_loads_in_peft_with_our_logits(trained):
   valid = mask.astype(bool)  # a padded position's logits are not compared
   np.testing.assert_allclose(logits[k][valid], expected.numpy()[valid], atol=1e-4)
   assert np.abs(logits[k] - logits[0]).max() > 1e-4  # the tasks' adapters differ
+
+
+@pytest.mark.slow
+def test_t5_text_to_text_tasks_each_equal_their_single_task_run(tmp_path):
+  config = test_train.load_config("lora_t5", **{
+      "workdir": str(tmp_path / "multitask"), "batch_size": 4, "source_length": 24, "target_length": 3,
+      "eval_examples": 8, "train_examples": 16, "steps": 3, "log_every": 3, "checkpoint_every": 3, "lora.rank": 2,
+      "optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 1})
+  config.model_shape.update(test_train.TINY_SHAPE)
+  config.multitask = ml_collections.ConfigDict(dict(tasks=("rotten_tomatoes", "bbc_headlines"), rank=(2, 4)))
+  together = train.main(config)
+  k = 1  # BBC News article -> headline, rank 4
+  single = multitask_run.task_config(config, k)
+  single.update(dict(workdir=str(tmp_path / "single"), batch_size=2))
+  single.lora.rank = 4
+  alone = train.main(single)
+  expected, got = _tensors(f"{alone['workdir']}/adapter"), _tensors(f"{together['workdir']}/tasks/bbc_headlines")
+  assert sorted(expected) == sorted(got)
+  for key in expected:
+    np.testing.assert_allclose(got[key], expected[key], atol=1e-5, err_msg=key)
+  assert abs(alone["after"]["loss"] - together["after"][k]["loss"]) < 1e-5
 
 
 @pytest.mark.parametrize("overrides, words", [
