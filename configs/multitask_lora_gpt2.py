@@ -6,7 +6,9 @@ reviews and BBC News articles as two causal LM tasks (config.multitask.tasks).  
 task, each task's rows in its own seeded order; each adapter trains as a separate run on its task with
 batch_size 8 would.  It prints each task's held-out perplexity before and after and one table at the end, written
 as WORKDIR/multitask.md, .csv and .json, and exports each task's adapter as a Hugging Face PEFT folder,
-WORKDIR/tasks/<task>/.
+WORKDIR/tasks/<task>/.  Measured 2026-12-02 (XLA single-threaded on the shared 2-core Xeon, load average about 9;
+3 min of CPU, 21 min wall): held-out loss 10.83 for both tasks before, and after 150 steps 7.25 on IMDB
+(perplexity 1405) and 7.60 on BBC News (2008), each adapter 854,016 parameters (r 16).
 
 A task is a built-in name or the user's data (a .csv/.tsv/.json/.jsonl/.parquet file, a saved dataset folder,
 a hub 'ID:SPLIT'); per task, config.multitask.data gives config.data options (e.g. its text column),
