@@ -181,6 +181,20 @@ def test_bad_multitask_configs_are_refused_in_one_sentence(tmp_path, overrides, 
   assert "\n" not in str(e.value)
 
 
+def test_a_task_with_fewer_training_rows_than_a_batch_takes_is_named(tmp_path):
+  files = []
+  for name in ("a", "b"):
+    with open(tmp_path / f"{name}.csv", "w", newline="") as f:
+      csv.writer(f).writerows([["text"], *([f"row {i} of {name}"] for i in range(12))])
+    files.append(str(tmp_path / f"{name}.csv"))
+  config = multitask_config(tmp_path / "w", files[1], batch_size=16, **{"multitask.data": ()})
+  config.multitask.tasks = tuple(files)
+  with pytest.raises(ValueError, match=r"^config\.multitask\.tasks\[0\]='.*a\.csv' has 4 training examples, "
+                     r"fewer than the 8 rows of it every batch holds") as e:
+    train.main(config)
+  assert "\n" not in str(e.value)
+
+
 def test_the_command_names_a_bad_task_before_any_compute(tmp_path):
   done = subprocess.run([sys.executable, "-m", "train", "--config", str(test_train.ROOT / "configs" /
                          "multitask_lora_gpt2.py"), "--config.multitask.tasks=('imdb',)",
