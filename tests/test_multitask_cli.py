@@ -27,6 +27,7 @@ from peftjax import tree as ptree
 from train import data, multitask_run, validate
 
 import test_train  # tests/ is on sys.path under pytest
+from test_train_scale import logged
 
 TINY = {"model_shape.n_embd": 32, "model_shape.n_layer": 2, "model_shape.n_head": 4, "model_shape.n_positions": 32,
         "steps": 6, "batch_size": 4, "max_length": 16, "eval_examples": 8, "train_examples": 24, "log_every": 3,
@@ -89,6 +90,11 @@ def test_the_table_and_each_task_adapter_equal_its_own_single_task_run(trained, 
   assert train.main(trained["config"])["finished"]  # a finished run rerun rewrites nothing
   assert _files(workdir) == before
   assert trained["losses"].shape == (6, 2)
+  for k, name in enumerate(names):  # per-task TensorBoard tags
+    train_loss = logged(workdir, f"train/{name}/loss")
+    np.testing.assert_allclose([train_loss[3], train_loss[6]], trained["losses"][:, k].reshape(2, 3).mean(1),
+                               rtol=1e-6)
+    np.testing.assert_allclose(logged(workdir, f"eval/{name}/loss")[6], rows[k]["eval_loss"], rtol=1e-6)
   assert all(after["loss"] < before["loss"] for before, after in zip(trained["before"], trained["after"]))
 
   for k, member in enumerate(trained["members"]):  # task k alone: its rows per batch, its settings
