@@ -157,14 +157,15 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   task = tasks.family(config).task
   singles = [task_config(config, i) for i in range(k)]
   loaded = [data_files.load(single, task.kind, workdir) for single in singles]
-  model, params, tokenizer = loop.load_model(config, 0)
-  train_data = [task.tokenize(tokenizer, one.train, single) for one, single in zip(loaded, singles)]
-  held_out = [task.tokenize(tokenizer, one.held_out, single) for one, single in zip(loaded, singles)]
-  for i, (name, one) in enumerate(zip(names, loaded)):
+  for i, one in enumerate(loaded):
     if len(one.train) < per_task:
       raise ValueError(f"config.multitask.tasks[{i}]={config.multitask.tasks[i]!r} has {len(one.train)} training "
                        f"examples, fewer than the {per_task} rows of it every batch holds (config.batch_size / "
                        f"{k}); give it more rows or lower config.batch_size.")
+  model, params, tokenizer = loop.load_model(config, 0)
+  train_data = [task.tokenize(tokenizer, one.train, single) for one, single in zip(loaded, singles)]
+  held_out = [task.tokenize(tokenizer, one.held_out, single) for one, single in zip(loaded, singles)]
+  for name, one in zip(names, loaded):
     print(f"task {name}: {len(one.train)} training and {len(one.held_out)} held-out examples")
   print(f"{k} tasks, {per_task} rows of each per batch, trained together in one compiled step on one device with "
         "the model's dropout off")
