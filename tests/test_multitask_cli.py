@@ -86,9 +86,9 @@ def test_the_table_and_each_task_adapter_equal_its_own_single_task_run(trained, 
     markdown = f.read()
   assert all(name in markdown for name in names)
   assert sorted(os.listdir(os.path.join(workdir, "tasks"))) == sorted(names)
-  before = _files(workdir)
+  written = _files(workdir)
   assert train.main(trained["config"])["finished"]  # a finished run rerun rewrites nothing
-  assert _files(workdir) == before
+  assert _files(workdir) == written
   assert trained["losses"].shape == (6, 2)
   for k, name in enumerate(names):  # per-task TensorBoard tags
     train_loss = logged(workdir, f"train/{name}/loss")
