@@ -276,8 +276,12 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
 
   A workdir holding a run of other settings is refused unless `allow_config_change`; a finished run rerun with
   no more steps returns {'finished': True, ...} and rewrites nothing (`train.run_record`).  A config with a
-  config.sweep section trains its members together instead (`train.sweep_run`).
+  config.sweep section trains its members together instead (`train.sweep_run`), one with config.multitask one
+  adapter per task (`train.multitask_run`).
   """
+  if "multitask" in config:
+    from train import multitask_run  # it builds on this module
+    return multitask_run.main(config, allow_config_change)
   if "sweep" in config:
     from train import sweep_run  # it builds on this module
     return sweep_run.main(config, allow_config_change)

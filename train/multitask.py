@@ -6,7 +6,8 @@ adapter task_ids[b] (`stacked_lora.apply`, the rows gathering their own A and B 
 task k's loss is the mean over its rows, so its gradient comes from its own rows only.  A task with no rows in a
 batch keeps its adapter and optimizer state unchanged, as if that step had not happened to it; so each adapter
 trains exactly as a single-task run over the same rows of its own dataset would (tests/test_multitask.py).
-Modules trained in full (modules_to_save) are not supported here.
+Modules trained in full (modules_to_save) are not supported here.  `python -m train` with a config.multitask
+section runs it over K datasets (`train.multitask_run`).
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def members(config: ml_collections.ConfigDict) -> list[tuple[str, sweep.Member]]
   return out
 
 
-def _optimizer(config: ml_collections.ConfigDict):
+def optimizer(config: ml_collections.ConfigDict):
   """(make_tx(learning_rate), unit schedule): the run's clipping + AdamW with its schedule scaled to a member's peak."""
   unit = steps.make_optimizer(ml_collections.ConfigDict({**config.optimizer.to_dict(), "learning_rate": 1.0}),
                               config.steps)[1]
@@ -126,8 +126,9 @@ def table_rows(named: list[tuple[str, sweep.Member]], train_losses: list[float],
           for (name, m), loss, metrics in zip(named, train_losses, after)]
 
 
-def write_table(workdir: str, rows: list[dict]) -> str:
-  """Writes workdir/sweep.md, .csv and .json (each via a temporary name); returns the Markdown table."""
+def write_table(workdir: str, rows: list[dict], name: str = TABLE) -> str:
+  """Writes workdir/<name>.md, .csv and .json (default sweep.*, each via a temporary name); returns the Markdown
+  table."""
   columns = list(rows[0])
   cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
   markdown = "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns),
@@ -136,9 +137,9 @@ def write_table(workdir: str, rows: list[dict]) -> str:
   writer = csv.DictWriter(out, columns)
   writer.writeheader()
   writer.writerows(rows)
-  _write_text(os.path.join(workdir, f"{TABLE}.md"), markdown)
-  _write_text(os.path.join(workdir, f"{TABLE}.csv"), out.getvalue())
-  _write_text(os.path.join(workdir, f"{TABLE}.json"), json.dumps(rows, indent=2))
+  _write_text(os.path.join(workdir, f"{name}.md"), markdown)
+  _write_text(os.path.join(workdir, f"{name}.csv"), out.getvalue())
+  _write_text(os.path.join(workdir, f"{name}.json"), json.dumps(rows, indent=2))
   return markdown
 
 
@@ -193,7 +194,7 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
 
   members_only = [m for _, m in named]
   state = sweep.init(lora_cfg, members_only, params, saved, member_key)
-  make_tx, unit = _optimizer(config)
+  make_tx, unit = optimizer(config)
   tx, opt_state = sweep.init_optimizer(make_tx, state, members_only)
   train_step = sweep.make_step(model.apply, _row_losses(task), tx, lambda batch: task.inputs(model, batch))
   evaluate = _evaluate(model, task, k, config.batch_size)

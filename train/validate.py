@@ -55,7 +55,8 @@ def check_sections(config: ml_collections.ConfigDict) -> None:
   if config.family not in tasks.FAMILIES:
     raise ValueError(f"config.family={config.family!r} is not a known model family; valid: {sorted(tasks.FAMILIES)}.")
   task = tasks.family(config).task
-  data_files.check_task(task.kind, config.task)
+  if "multitask" not in config:  # a multi-task run checks each of its tasks (`check_multitask`)
+    data_files.check_task(task.kind, config.task)
   data_files.settings(config)
   methods.check(config)
   if config.optimizer.decay not in steps.DECAYS:
@@ -81,6 +82,8 @@ def check_sections(config: ml_collections.ConfigDict) -> None:
   _check_packing(config, task)
   if "sweep" in config:
     check_sweep(config)
+  if "multitask" in config:
+    check_multitask(config)
 
 
 def _check_packing(config: ml_collections.ConfigDict, task) -> None:
@@ -162,6 +165,84 @@ def check_sweep(config: ml_collections.ConfigDict) -> None:
   if (scale.micro_batches != 1 or scale.num_processes > 1 or scale.coordinator_address
       or scale.frozen_dtype != "float32"):
     raise ValueError(f"config.sweep runs on one device without micro-batches, with float32 frozen weights, but "
+                     f"config.scale has micro_batches={scale.micro_batches}, num_processes={scale.num_processes}, "
+                     f"coordinator_address={scale.coordinator_address!r}, frozen_dtype={scale.frozen_dtype!r}; set "
+                     "them to 1, 0, '' and 'float32'.")
+
+
+# config.multitask: tasks (two or more task specs), and per task (a list of one entry per task, or () for the
+# run's own value): data (config.data keys overriding the run's), learning_rate, rank, alpha (`train.multitask_run`).
+MULTITASK_KEYS = ("tasks", "data", "learning_rate", "rank", "alpha")
+
+
+def check_multitask(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError (one sentence naming config.multitask.<key> or the key in the way) for a multi-task run
+  (`train.multitask_run`) it cannot run."""
+  section = config.multitask
+  unknown = sorted(set(section) - set(MULTITASK_KEYS))
+  if unknown:
+    raise ValueError(f"config.multitask has the unknown key {unknown[0]!r}; valid: {list(MULTITASK_KEYS)}.")
+  specs = section.get("tasks", ())
+  if not isinstance(specs, (tuple, list)) or len(specs) < 2 or not all(isinstance(s, str) and s for s in specs):
+    raise ValueError(f"config.multitask.tasks={specs!r} must list two or more tasks (built-in task names or data "
+                     "files), e.g. ('imdb', 'bbc_news').")
+  if "sweep" in config:
+    raise ValueError("config.sweep cannot be used with config.multitask (a sweep trains every member on one "
+                     "dataset); remove one of the two sections.")
+  task = tasks.family(config).task
+  if task.kind == "sequence_classification":
+    raise ValueError(f"config.multitask needs tasks that share the model's output layer (a causal LM or T5 "
+                     f"text-to-text), but config.family={config.family!r} with config.task_type="
+                     f"{config.get('task_type', '')!r} trains a sequence classifier, whose new head each task would "
+                     "need its own copy of (not supported); use a causal LM or T5 family.")
+  for i, spec in enumerate(specs):
+    try:
+      data_files.check_task(task.kind, spec)
+    except ValueError as e:
+      raise ValueError(str(e).replace("config.task=", f"config.multitask.tasks[{i}]=", 1)) from None
+  k = len(specs)
+  for key in ("data", "learning_rate", "rank", "alpha"):
+    values = section.get(key, ())
+    if not isinstance(values, (tuple, list)) or len(values) not in (0, k):
+      raise ValueError(f"config.multitask.{key}={values!r} must be () (the run's own value for every task) or a "
+                       f"list of {k} entries, one per task of config.multitask.tasks.")
+  for i, options in enumerate(section.get("data", ())):
+    unknown = sorted(set(options) - set(data_files.DATA_DEFAULTS)) if isinstance(options, dict) else None
+    if unknown is None or unknown:
+      raise ValueError(f"config.multitask.data[{i}]={options!r} must be a dict of config.data keys for task {i} "
+                       f"({'not ' + repr(unknown[0]) if unknown else 'a dict'}); valid keys: "
+                       f"{list(data_files.DATA_DEFAULTS)}.")
+  for key in ("learning_rate", "rank", "alpha"):
+    bad = [v for v in section.get(key, ()) if not _sweep_value_ok(key, v)]
+    if bad:
+      kind = {"rank": "integers >= 1", "learning_rate": "positive numbers", "alpha": "numbers"}[key]
+      raise ValueError(f"config.multitask.{key} holds {bad[0]!r}; its values must be {kind}.")
+  if config.batch_size % k:
+    raise ValueError(f"config.batch_size={config.batch_size} must be a multiple of the {k} tasks of "
+                     "config.multitask.tasks: every batch holds batch_size / K rows of each task.")
+  if config.method != "lora":
+    raise ValueError(f"config.method={config.method!r} cannot be used with config.multitask, which trains one LoRA "
+                     "adapter per task; set it to 'lora'.")
+  if config.get("modules_to_save"):
+    raise ValueError(f"config.modules_to_save={config.modules_to_save!r} cannot be used with config.multitask, "
+                     "whose tasks train LoRA adapters only; set it to ''.")
+  if config.lora.dropout:
+    raise ValueError(f"config.lora.dropout={config.lora.dropout} cannot be used with config.multitask, which trains "
+                     "without LoRA dropout; set it to 0.")
+  if config.lora.get("target_parameters"):
+    raise ValueError(f"config.lora.target_parameters={config.lora.target_parameters!r} cannot be used with "
+                     "config.multitask, whose adapters are LoRA on modules only; set it to ''.")
+  for key, off, what in SWEEP_REFUSED:
+    if config.get(key):
+      raise ValueError(f"config.{key}={config[key]!r} cannot be used with config.multitask (it {what}); set it to "
+                       f"{off!r}.")
+  if quantize.quant_config(config) is not None:
+    raise ValueError("config.quant quantises the base, which config.multitask does not support; set "
+                     "config.quant.kind='none'.")
+  scale = loop.scale_settings(config)
+  if (scale.micro_batches != 1 or scale.num_processes > 1 or scale.coordinator_address
+      or scale.frozen_dtype != "float32"):
+    raise ValueError(f"config.multitask runs on one device without micro-batches, with float32 frozen weights, but "
                      f"config.scale has micro_batches={scale.micro_batches}, num_processes={scale.num_processes}, "
                      f"coordinator_address={scale.coordinator_address!r}, frozen_dtype={scale.frozen_dtype!r}; set "
                      "them to 1, 0, '' and 'float32'.")
