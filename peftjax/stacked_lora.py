@@ -31,10 +31,10 @@ COLLECTION = "lora_stack"
 BASE = -1  # the adapter id of rows that run the base model
 
 
-def _modules(cfg: Any, tree: dict, i: int) -> dict[str, dict]:
+def _check_lora(cfg: Any, i: int) -> None:
   if not isinstance(cfg, lora.LoraConfig) or isinstance(cfg, dora.DoraConfig):
-    raise ValueError(f"adapter {i} has a {type(cfg).__name__}; stacked adapters are LoraConfig adapters.")
-  return lora.adapter_modules(tree)
+    raise ValueError(f"adapter {i} has a {type(cfg).__name__}; stacked_lora stacks LoraConfig adapters "
+                     "(peftjax.stacked_dora stacks DoRA and LoRA adapters together).")
 
 
 def _padded(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -46,9 +46,16 @@ def _padded(x: jax.Array, axis: int, size: int) -> jax.Array:
 def stack(cfgs: Sequence[lora.LoraConfig], trees: Sequence[dict], max_rank: int | None = None) -> dict:
   """The stacked tree of K LoRA adapters (cfgs[k], trees[k]), ranks zero-padded to `max_rank` (default: the
   largest); see the module docstring."""
+  for i, cfg in enumerate(cfgs):
+    _check_lora(cfg, i)
+  return stack_factors(cfgs, trees, max_rank)
+
+
+def stack_factors(cfgs: Sequence[lora.LoraConfig], trees: Sequence[dict], max_rank: int | None = None) -> dict:
+  """`stack` for any LoRA-family configs (a DoRA adapter's A and B too), without the LoraConfig check."""
   if not cfgs or len(cfgs) != len(trees):
     raise ValueError(f"stack needs one config per adapter tree; got {len(cfgs)} configs and {len(trees)} trees.")
-  modules = [_modules(c, t, i) for i, (c, t) in enumerate(zip(cfgs, trees))]
+  modules = [lora.adapter_modules(t) for t in trees]
   paths = list(dict.fromkeys(p for m in modules for p in m))
   largest = max(m[p]["lora_A"].shape[-1] for m in modules for p in m)
   rank = largest if max_rank is None else max_rank
@@ -83,9 +90,16 @@ def put(stacked: dict, slot: int, cfg: lora.LoraConfig, tree: dict) -> dict:
   The adapter's rank must fit the stack's R, and it may adapt the stack's modules or a subset (the others
   get zeros in that slot); a module outside the stack is a ValueError (it would need another compilation).
   """
-  modules = _modules(cfg, tree, slot)
+  _check_lora(cfg, slot)
+  return put_factors(stacked, slot, cfg, tree)
+
+
+def put_factors(stacked: dict, slot: int, cfg: lora.LoraConfig, tree: dict) -> dict:
+  """`put` for any LoRA-family config (a DoRA adapter's A and B), without the LoraConfig check; leaves of
+  `stacked` other than lora_A, lora_B and scaling are kept as they are."""
+  modules = lora.adapter_modules(tree)
   flat = ptree.flatten(stacked)
-  known = {p.rsplit("/", 1)[0] for p in flat}
+  known = {p.rsplit("/", 1)[0] for p in flat if p.endswith("/lora_A")}
   extra = sorted(set(modules) - known)
   if extra:
     raise ValueError(f"the adapter adapts {extra}, which the stack does not hold; stacked modules: {sorted(known)}.")
