@@ -3,9 +3,10 @@
 `quantize(cfg, params)` replaces the targeted linear kernels of a parameter tree, once, at load, with
 `QuantizedWeight` leaves: the codes and scales only, no full-precision copy.  `apply(method_cfg, model.apply)`
 is `peftjax.apply` over such a tree: an interceptor on every `nn.Dense` / single-axis `nn.DenseGeneral` call
-whose kernel is quantised computes ``x @ dequantize(kernel)`` itself, inside the compiled step and
-rematerialised (`jax.checkpoint`), so each layer's weight exists in full precision only next to its own
-matmul, in the forward and again in the backward pass, and never as a saved residual.  LoRA, DoRA and the
+whose kernel is quantised computes ``x @ dequantize(kernel)`` itself, inside the compiled step, with a custom
+VJP whose residual is the codes: each layer's weight exists in full precision only next to its own matmul, in
+the forward and again in the backward pass (made to depend on the layer's input and on its output's cotangent,
+so XLA neither hoists nor merges them), and never as a saved residual, scanned or not.  LoRA, DoRA and the
 other methods add their paths around it in activation space; the quantised leaves get no gradient.
 
 Formats (`QuantConfig.kind`):
@@ -378,15 +379,55 @@ def bits_per_parameter(weight: QuantizedWeight) -> float:
   return 8.0 * stored_bytes(weight) / math.prod(weight.shape)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(2, 3), policy=jax.checkpoint_policies.nothing_saveable)
-def _quantized_matmul(x: jax.Array, weight: QuantizedWeight, dtype, precision) -> jax.Array:
-  """x @ dequantize(weight) in `dtype`, recomputing the dequantised weight in the backward pass instead of saving it
-  (the 4-bit kinds contract with the (out, in) weight as dequantised, with no transposed copy).  Below float32 the
-  operands are `dtype` and the sums float32, as the models' own nn.Dense (`layers.dot_general`)."""
+def _contract(x: jax.Array, weight: QuantizedWeight, dtype, precision) -> jax.Array:
+  """x @ dequantize(weight) in `dtype` (the 4-bit and GGUF kinds contract with the (out, in) weight as dequantised,
+  with no transposed copy).  Below float32 the operands are `dtype` and the sums float32, as the models' own
+  nn.Dense (`layers.dot_general`)."""
   dot = layers.dot_general(dtype)
   if weight.kind == "int8":
     return dot(x, dequantize(weight, dtype), (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
   return dot(x, _dequantize_out_in(weight, dtype), (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
+
+
+def _after(value: jax.Array, weight: QuantizedWeight) -> QuantizedWeight:
+  """`weight` with its codes made to depend on `value` (plus min(|value[0]|, 0) > 0, always 0, which XLA does not
+  fold away), so that its dequantisation is computed only once `value` exists.  XLA:CPU drops optimization barriers
+  before CSE and schedules freely: without this it merges the backward's dequantisation with the forward's, or
+  hoists it to the start, and keeps every layer's weight live across both passes."""
+  zero = jnp.minimum(jnp.abs(value[(0,) * value.ndim]), 0) > 0
+  return weight.replace(codes=weight.codes + zero.astype(weight.codes.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _quantized_matmul(x: jax.Array, weight: QuantizedWeight, dtype, precision) -> jax.Array:
+  """x @ dequantize(weight) in `dtype`.  The backward pass saves only the codes (already an argument) and
+  dequantises them again next to its own matmul, once the output's cotangent exists, so no dequantised weight
+  lives from the forward to the backward pass; the quantised leaves get zero cotangents."""
+  return _contract(x, _after(x, weight), dtype, precision)
+
+
+def _quantized_matmul_fwd(x, weight, dtype, precision):
+  return _quantized_matmul(x, weight, dtype, precision), weight
+
+
+def _zero_cotangent(leaf: jax.Array) -> Any:
+  if jnp.issubdtype(leaf.dtype, jnp.inexact):
+    return jnp.zeros_like(leaf)
+  return np.zeros(leaf.shape, jax.dtypes.float0)
+
+
+def _quantized_matmul_bwd(dtype, precision, weight, g):
+  weight_now = _after(g, weight)
+  dot = layers.dot_general(dtype)
+  g = g.astype(dtype)
+  if weight.kind == "int8":  # (in, out): contract the output axis
+    dx = dot(g, dequantize(weight_now, dtype), (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
+  else:  # (out, in)
+    dx = dot(g, _dequantize_out_in(weight_now, dtype), (((g.ndim - 1,), (0,)), ((), ())), precision=precision)
+  return dx.astype(dtype), jax.tree.map(_zero_cotangent, weight)  # x is in `dtype` (_intercept)
+
+
+_quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
 
 
 def _quantized_layer(context) -> nn.Module | None:
