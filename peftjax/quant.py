@@ -301,20 +301,45 @@ def gguf_weight(type_name: str, blocks: np.ndarray, dtype=jnp.float32) -> Quanti
                          dtype_name=jnp.dtype(dtype).name, block_size=GGUF_BLOCK)
 
 
+def _layer_names(path: str, count: int) -> list[list[str]]:
+  """The Hugging Face names of the `count` per-layer kernels a layer-stacked (scanned) kernel at `path` stacks,
+  for every place its layer list could be (model/layers/... -> model.layers.0...., model.layers.1...., ...)."""
+  from peftjax.models import hf_io
+  parts = path.split("/")
+  return [[hf_io.hf_key("/".join([*parts[:cut - 1], f"{parts[cut - 1]}_{i}", *parts[cut:], "kernel"]))
+           for i in range(count)] for cut in range(1, len(parts))]
+
+
+def _kept_blocks(path: str, kernel: Any, blocks: dict) -> tuple[str, np.ndarray] | None:
+  """(type name, raw blocks (*stack, out, in / 32, bytes)) of the kernel at `path` in `blocks`, or None: a
+  layer-stacked kernel (*stack, in, out) keeps its layers' blocks stacked along the layer axis where every layer's
+  tensor is there in one type (else it stays dequantised)."""
+  from peftjax.models import hf_io
+  if np.ndim(kernel) == 2:
+    return blocks.get(hf_io.hf_key(f"{path}/kernel"))
+  if np.ndim(kernel) != 3:
+    return None
+  for names in _layer_names(path, kernel.shape[0]):
+    if all(name in blocks for name in names) and len({blocks[name][0] for name in names}) == 1:
+      return blocks[names[0]][0], np.stack([blocks[name][1] for name in names])
+  return None
+
+
 def keep_gguf_blocks(cfg: QuantConfig, params: ptree.Tree, blocks: dict) -> dict:
   """`params` with every kernel `cfg` targets that `blocks` ({Hugging Face tensor name: (GGUF type name, raw
   blocks)}, `peftjax.models.gguf.read_blocks`) holds replaced by those blocks; the other kernels stay as they
-  are (dequantised).  The blocks must be of the tensors the float kernels were dequantised from."""
-  from peftjax.models import hf_io
+  are (dequantised).  The blocks must be of the tensors the float kernels were dequantised from.  Over scanned
+  layers (`scan_layers=True`) each stacked kernel keeps its layers' blocks stacked like the kernels, where all its
+  layers are in `blocks` in one type."""
   flat = ptree.flatten(params)
   for path in ptree.match_targets(params, cfg.targets, cfg.exclude):
-    name = hf_io.hf_key(f"{path}/kernel")
-    if name in blocks:
-      kernel = flat[f"{path}/kernel"]
-      weight = gguf_weight(*blocks[name], dtype=kernel.dtype)
+    kernel = flat[f"{path}/kernel"]
+    found = _kept_blocks(path, kernel, blocks)
+    if found is not None:
+      weight = gguf_weight(*found, dtype=kernel.dtype)
       if weight.shape != tuple(kernel.shape):
-        raise ValueError(f"GGUF tensor {name} has shape {weight.shape[::-1]}, but the model's {path} kernel is "
-                         f"{tuple(kernel.shape)}.")
+        raise ValueError(f"GGUF blocks for {path} stand for an (in, out) kernel of shape {weight.shape}, but the "
+                         f"model's {path} kernel is {tuple(kernel.shape)}.")
       flat[f"{path}/kernel"] = weight
   return ptree.unflatten(flat)
 
