@@ -3,9 +3,10 @@
 `quantize(cfg, params)` replaces the targeted linear kernels of a parameter tree, once, at load, with
 `QuantizedWeight` leaves: the codes and scales only, no full-precision copy.  `apply(method_cfg, model.apply)`
 is `peftjax.apply` over such a tree: an interceptor on every `nn.Dense` / single-axis `nn.DenseGeneral` call
-whose kernel is quantised computes ``x @ dequantize(kernel)`` itself, inside the compiled step and
-rematerialised (`jax.checkpoint`), so each layer's weight exists in full precision only next to its own
-matmul, in the forward and again in the backward pass, and never as a saved residual.  LoRA, DoRA and the
+whose kernel is quantised computes ``x @ dequantize(kernel)`` itself, inside the compiled step, with a custom
+VJP whose residual is the codes: each layer's weight exists in full precision only next to its own matmul, in
+the forward and again in the backward pass (made to depend on the layer's input and on its output's cotangent,
+so XLA neither hoists nor merges them), and never as a saved residual, scanned or not.  LoRA, DoRA and the
 other methods add their paths around it in activation space; the quantised leaves get no gradient.
 
 Formats (`QuantConfig.kind`):
@@ -300,20 +301,45 @@ def gguf_weight(type_name: str, blocks: np.ndarray, dtype=jnp.float32) -> Quanti
                          dtype_name=jnp.dtype(dtype).name, block_size=GGUF_BLOCK)
 
 
+def _layer_names(path: str, count: int) -> list[list[str]]:
+  """The Hugging Face names of the `count` per-layer kernels a layer-stacked (scanned) kernel at `path` stacks,
+  for every place its layer list could be (model/layers/... -> model.layers.0...., model.layers.1...., ...)."""
+  from peftjax.models import hf_io
+  parts = path.split("/")
+  return [[hf_io.hf_key("/".join([*parts[:cut - 1], f"{parts[cut - 1]}_{i}", *parts[cut:], "kernel"]))
+           for i in range(count)] for cut in range(1, len(parts))]
+
+
+def _kept_blocks(path: str, kernel: Any, blocks: dict) -> tuple[str, np.ndarray] | None:
+  """(type name, raw blocks (*stack, out, in / 32, bytes)) of the kernel at `path` in `blocks`, or None: a
+  layer-stacked kernel (*stack, in, out) keeps its layers' blocks stacked along the layer axis where every layer's
+  tensor is there in one type (else it stays dequantised)."""
+  from peftjax.models import hf_io
+  if np.ndim(kernel) == 2:
+    return blocks.get(hf_io.hf_key(f"{path}/kernel"))
+  if np.ndim(kernel) != 3:
+    return None
+  for names in _layer_names(path, kernel.shape[0]):
+    if all(name in blocks for name in names) and len({blocks[name][0] for name in names}) == 1:
+      return blocks[names[0]][0], np.stack([blocks[name][1] for name in names])
+  return None
+
+
 def keep_gguf_blocks(cfg: QuantConfig, params: ptree.Tree, blocks: dict) -> dict:
   """`params` with every kernel `cfg` targets that `blocks` ({Hugging Face tensor name: (GGUF type name, raw
   blocks)}, `peftjax.models.gguf.read_blocks`) holds replaced by those blocks; the other kernels stay as they
-  are (dequantised).  The blocks must be of the tensors the float kernels were dequantised from."""
-  from peftjax.models import hf_io
+  are (dequantised).  The blocks must be of the tensors the float kernels were dequantised from.  Over scanned
+  layers (`scan_layers=True`) each stacked kernel keeps its layers' blocks stacked like the kernels, where all its
+  layers are in `blocks` in one type."""
   flat = ptree.flatten(params)
   for path in ptree.match_targets(params, cfg.targets, cfg.exclude):
-    name = hf_io.hf_key(f"{path}/kernel")
-    if name in blocks:
-      kernel = flat[f"{path}/kernel"]
-      weight = gguf_weight(*blocks[name], dtype=kernel.dtype)
+    kernel = flat[f"{path}/kernel"]
+    found = _kept_blocks(path, kernel, blocks)
+    if found is not None:
+      weight = gguf_weight(*found, dtype=kernel.dtype)
       if weight.shape != tuple(kernel.shape):
-        raise ValueError(f"GGUF tensor {name} has shape {weight.shape[::-1]}, but the model's {path} kernel is "
-                         f"{tuple(kernel.shape)}.")
+        raise ValueError(f"GGUF blocks for {path} stand for an (in, out) kernel of shape {weight.shape}, but the "
+                         f"model's {path} kernel is {tuple(kernel.shape)}.")
       flat[f"{path}/kernel"] = weight
   return ptree.unflatten(flat)
 
@@ -378,15 +404,55 @@ def bits_per_parameter(weight: QuantizedWeight) -> float:
   return 8.0 * stored_bytes(weight) / math.prod(weight.shape)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(2, 3), policy=jax.checkpoint_policies.nothing_saveable)
-def _quantized_matmul(x: jax.Array, weight: QuantizedWeight, dtype, precision) -> jax.Array:
-  """x @ dequantize(weight) in `dtype`, recomputing the dequantised weight in the backward pass instead of saving it
-  (the 4-bit kinds contract with the (out, in) weight as dequantised, with no transposed copy).  Below float32 the
-  operands are `dtype` and the sums float32, as the models' own nn.Dense (`layers.dot_general`)."""
+def _contract(x: jax.Array, weight: QuantizedWeight, dtype, precision) -> jax.Array:
+  """x @ dequantize(weight) in `dtype` (the 4-bit and GGUF kinds contract with the (out, in) weight as dequantised,
+  with no transposed copy).  Below float32 the operands are `dtype` and the sums float32, as the models' own
+  nn.Dense (`layers.dot_general`)."""
   dot = layers.dot_general(dtype)
   if weight.kind == "int8":
     return dot(x, dequantize(weight, dtype), (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
   return dot(x, _dequantize_out_in(weight, dtype), (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
+
+
+def _after(value: jax.Array, weight: QuantizedWeight) -> QuantizedWeight:
+  """`weight` with its codes made to depend on `value` (plus min(|value[0]|, 0) > 0, always 0, which XLA does not
+  fold away), so that its dequantisation is computed only once `value` exists.  XLA:CPU drops optimization barriers
+  before CSE and schedules freely: without this it merges the backward's dequantisation with the forward's, or
+  hoists it to the start, and keeps every layer's weight live across both passes."""
+  zero = jnp.minimum(jnp.abs(value[(0,) * value.ndim]), 0) > 0
+  return weight.replace(codes=weight.codes + zero.astype(weight.codes.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _quantized_matmul(x: jax.Array, weight: QuantizedWeight, dtype, precision) -> jax.Array:
+  """x @ dequantize(weight) in `dtype`.  The backward pass saves only the codes (already an argument) and
+  dequantises them again next to its own matmul, once the output's cotangent exists, so no dequantised weight
+  lives from the forward to the backward pass; the quantised leaves get zero cotangents."""
+  return _contract(x, _after(x, weight), dtype, precision)
+
+
+def _quantized_matmul_fwd(x, weight, dtype, precision):
+  return _quantized_matmul(x, weight, dtype, precision), weight
+
+
+def _zero_cotangent(leaf: jax.Array) -> Any:
+  if jnp.issubdtype(leaf.dtype, jnp.inexact):
+    return jnp.zeros_like(leaf)
+  return np.zeros(leaf.shape, jax.dtypes.float0)
+
+
+def _quantized_matmul_bwd(dtype, precision, weight, g):
+  weight_now = _after(g, weight)
+  dot = layers.dot_general(dtype)
+  g = g.astype(dtype)
+  if weight.kind == "int8":  # (in, out): contract the output axis
+    dx = dot(g, dequantize(weight_now, dtype), (((g.ndim - 1,), (1,)), ((), ())), precision=precision)
+  else:  # (out, in)
+    dx = dot(g, _dequantize_out_in(weight_now, dtype), (((g.ndim - 1,), (0,)), ((), ())), precision=precision)
+  return dx.astype(dtype), jax.tree.map(_zero_cotangent, weight)  # x is in `dtype` (_intercept)
+
+
+_quantized_matmul.defvjp(_quantized_matmul_fwd, _quantized_matmul_bwd)
 
 
 def _quantized_layer(context) -> nn.Module | None:

@@ -147,12 +147,26 @@ def test_quantized_scanned_llama_logits_close_and_qlora_gradients():
   assert sum(float(jnp.sum(g * g)) for g in jax.tree.leaves(grads)) > 0
 
 
-def test_qlora_step_memory_and_dora():
-  """The compiled QLoRA step keeps no full-precision copy: its arguments are the 4-bit base, and over scanned layers
-  its temp memory exceeds the LoRA step's over the fp32 base by less than a quarter of the fp32 linear weights (one
-  layer's dequantised weight at a time; measured 0.1%).  Unscanned layers are not bounded so: XLA:CPU keeps about
-  0.8x of the fp32 linear weights live there (a known gap, see the README); DoRA runs over the quantised base."""
-  model, params = _llama(True)
+def _gguf_base(params, type_name: str):
+  """`params` with every linear kernel but the head as gguf-py's `type_name` blocks of it (kind "gguf")."""
+  from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+  qtype = GGMLQuantizationType[type_name]
+  flat = pj.tree.flatten(params)
+  for path in pj.tree.match_targets(params, "all-linear", ()):
+    rows = np.asarray(flat[f"{path}/kernel"], np.float32).T  # (out, in): blocks along the input
+    raw = quants.quantize(rows, qtype).reshape(rows.shape[0], -1, GGML_QUANT_SIZES[qtype][1])
+    flat[f"{path}/kernel"] = quant.gguf_weight(type_name, raw)
+  return pj.tree.unflatten(flat)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_qlora_step_memory_and_dora(scan):
+  """The compiled QLoRA step keeps no full-precision copy: its arguments are the 4-bit base, and its temp memory
+  is no higher than the LoRA step's over the fp32 base (+ 2% of the fp32 linear weights), scanned or not: each
+  layer's dequantised weight lives next to its own matmul only (before the custom VJP, unscanned layers kept
+  0.73x of the fp32 linear weights live: XLA:CPU merged the backward's dequantisation with the forward's).
+  DoRA runs over the quantised base."""
+  model, params = _llama(scan)
   ids = jax.random.randint(jax.random.key(1), (2, 12), 0, TINY_LLAMA.vocab_size)
   qparams = quant.quantize(quant.QuantConfig(), params)
   cfg = pj.LoraConfig(rank=4, targets="all-linear")
@@ -165,14 +179,35 @@ def test_qlora_step_memory_and_dora():
   unquantized = quant.stored_bytes(qparams) - quant.stored_bytes(qparams, quantized_only=True)
   fp32_linear = quant.stored_bytes(params) - unquantized  # what the quantised kernels were in float32
   assert qlora.argument_size_in_bytes < lora.argument_size_in_bytes - 0.8 * fp32_linear  # the 4-bit base only
-  assert qlora.temp_size_in_bytes <= lora.temp_size_in_bytes + 0.25 * fp32_linear
-
+  assert qlora.temp_size_in_bytes <= lora.temp_size_in_bytes + 0.02 * fp32_linear
+  if scan:
+    return
   dora_cfg = pj.DoraConfig(rank=4, targets=("q_proj", "v_proj"))
   dora = pj.init(dora_cfg, jax.random.key(2), quant.dequantize_tree(qparams))
   dora = jax.tree.map(lambda x: x + 0.05, dora)
   out = jax.jit(quant.apply(dora_cfg, model.apply))(qparams, dora, ids)
   expected = jax.jit(pj.apply(dora_cfg, model.apply))(quant.dequantize_tree(qparams), dora, ids)
   np.testing.assert_allclose(out, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("base", ["nf4", "int8", "Q4_1"])
+def test_unscanned_qlora_gradients_equal_lora_over_the_dequantised_base(base):
+  """The custom VJP's input gradients (the backward dequantising the codes again) give the LoRA gradients of the
+  dequantised base (what the rematerialised path computed) within 1e-6, for NF4, int8 and GGUF Q4_1 blocks."""
+  model, params = _llama(False)
+  ids = jax.random.randint(jax.random.key(1), (2, 12), 0, TINY_LLAMA.vocab_size)
+  qparams = _gguf_base(params, base) if base == "Q4_1" else quant.quantize(quant.QuantConfig(kind=base), params)
+  cfg = pj.LoraConfig(rank=4, targets="all-linear")
+  adapters = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape),
+                          pj.init(cfg, jax.random.key(2), params))
+
+  def grads(apply_fn, base_params):
+    return jax.jit(jax.grad(lambda a: jnp.mean(jax.nn.log_softmax(apply_fn(base_params, a, ids))[..., 3])))(adapters)
+  ours = grads(quant.apply(cfg, model.apply), qparams)
+  expected = grads(pj.apply(cfg, model.apply), quant.dequantize_tree(qparams))
+  for g, e in zip(jax.tree.leaves(ours), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(g, e, atol=1e-6, rtol=0)
+  assert min(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(ours)) > 1e-4  # every adapter gets a gradient
 
 
 def test_qlora_bf16_forward_close_to_fp32_with_bf16_dots_accumulating_in_fp32():
