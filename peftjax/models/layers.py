@@ -36,6 +36,16 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
   return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
 
+def attend(embed: nn.Embed, query: jax.Array) -> jax.Array:
+  """`embed.attend(query)` (query @ table.T, a tied output head), accumulated in float32 when `embed` computes below
+  float32: flax's attend multiplies bf16 x bf16 -> bf16, which XLA:CPU runs as a float32 matmul after converting
+  the whole (vocab, hidden) table every step, the slowest op of a bf16 LM step (bench/RESULTS.md)."""
+  if jnp.dtype(embed.dtype).itemsize >= 4:
+    return embed.attend(query)
+  query, table = query.astype(embed.dtype), embed.embedding.astype(embed.dtype)
+  return accumulating_dot_general(query, table, (((query.ndim - 1,), (1,)), ((), ())))
+
+
 class RMSNorm(nn.Module):
   """x / sqrt(mean(x^2) + eps) * scale, statistics in float32 (T5's layer norm, Llama's RMSNorm)."""
 
