@@ -21,7 +21,7 @@ FAMILIES = {
                                                          n_head=4)),
     "llama": lambda: llama.LlamaForCausalLM(llama.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
                                                               num_hidden_layers=2, num_attention_heads=4,
-                                                              num_key_value_heads=2)),
+                                                              num_key_value_heads=2, tie_word_embeddings=True)),
 }
 
 
@@ -52,5 +52,29 @@ def test_bf16_matmuls_accumulate_in_fp32_and_logits_stay_close(kind):
   dots = _dot_generals(jax.make_jaxpr(lambda p: low.apply({"params": p}, *inputs))(params).jaxpr)
   assert all(v.aval.dtype == jnp.bfloat16 for eqn in dots for v in eqn.invars)
   plain = [eqn for eqn in dots if eqn.params["preferred_element_type"] != jnp.float32]
-  # all but a tied output head (nn.Embed.attend) accumulate in float32
-  assert len(plain) <= (1 if kind != "bert" else 0) and len(dots) - len(plain) >= 8
+  # all accumulate in float32, a tied output head (layers.attend, not flax's bf16 -> bf16 nn.Embed.attend) included
+  assert not plain and len(dots) >= 8
+
+
+def test_bf16_dense_gradients_are_bf16_matmuls_accumulating_in_fp32():
+  """The backward matmuls of a bf16 Dense take bf16 operands (JAX's own rule for a float32-accumulating dot
+  multiplies a float32 cotangent by a float32 copy of the kernel) and give the same gradients."""
+  x = jax.random.normal(jax.random.key(0), (2, 6, 16)).astype(jnp.bfloat16)
+  w = jax.random.normal(jax.random.key(1), (16, 8)).astype(jnp.bfloat16)
+  dims = (((2,), (0,)), ((), ()))
+
+  def loss(dot, x, w):
+    return jnp.sum(dot(x, w, dims).astype(jnp.float32) ** 2)
+
+  def plain(x, w, dims):
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32).astype(x.dtype)
+
+  grad = jax.grad(loss, argnums=(1, 2))
+  ours, reference = grad(layers.accumulating_dot_general, x, w), grad(plain, x, w)
+  for a, b in zip(ours, reference):
+    assert a.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-2, atol=1e-2)
+  dots = _dot_generals(jax.make_jaxpr(lambda x, w: grad(layers.accumulating_dot_general, x, w))(x, w).jaxpr)
+  assert len(dots) == 3  # forward, d x, d w
+  assert all(v.aval.dtype == jnp.bfloat16 for eqn in dots for v in eqn.invars)
+  assert all(eqn.params["preferred_element_type"] == jnp.float32 for eqn in dots)

@@ -386,7 +386,7 @@ class GemmaForCausalLM(nn.Module):
 
   def logits(self, hidden):
     """The output head (hidden @ embed_tokens.T when tied, else lm_head), soft-capped by final_logit_softcapping."""
-    logits = self.model.embed_tokens.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+    logits = layers.attend(self.model.embed_tokens, hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
     return softcap(logits, self.config.final_logit_softcapping)
 
   def __call__(self, input_ids=None, attention_mask=None, position_ids=None, deterministic: bool = True,

@@ -291,7 +291,7 @@ class GPT2LMHeadModel(nn.Module):
   def logits(self, hidden):
     """The output head: hidden @ wte.T (tied) or lm_head."""
     if self.config.tie_word_embeddings:
-      return self.transformer.wte.attend(hidden)
+      return layers.attend(self.transformer.wte, hidden)
     return self.lm_head(hidden)
 
   def __call__(self, input_ids=None, attention_mask=None, position_ids=None, deterministic: bool = True,

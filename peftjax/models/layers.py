@@ -5,11 +5,13 @@ classifier)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax._src.lax import lax as _dot_rules  # dot_general's VJP rules (jax has no public name for them)
 
 from peftjax.models import hf_io
 
@@ -17,11 +19,41 @@ from peftjax.models import hf_io
 def accumulating_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
   """`jax.lax.dot_general` that accumulates in float32 and returns lhs's dtype: bf16 operands use the hardware's
   bf16 x bf16 -> fp32 matmul units (AMX, avx512_bf16, GPU tensor cores, TPU MXU) without losing precision in the
-  sums."""
+  sums.  Its gradients are such matmuls too (see `_accumulate_bwd`)."""
   del preferred_element_type
-  out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32,
-                            **kwargs)
+  if kwargs:
+    out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32,
+                              **kwargs)
+    return out.astype(lhs.dtype)
+  return _accumulate(lhs, rhs, _hashable(dimension_numbers), precision)
+
+
+def _hashable(dimension_numbers):
+  return tuple(tuple(tuple(axes) for axes in pair) for pair in dimension_numbers)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _accumulate(lhs, rhs, dimension_numbers, precision):
+  out = jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, preferred_element_type=jnp.float32)
   return out.astype(lhs.dtype)
+
+
+def _accumulate_fwd(lhs, rhs, dimension_numbers, precision):
+  return _accumulate(lhs, rhs, dimension_numbers, precision), (lhs, rhs)
+
+
+def _accumulate_bwd(dimension_numbers, precision, residuals, g):
+  """lax.dot_general's own transposes, fed the output cotangent in lhs's dtype: JAX's rule for the float32 output
+  above would multiply a float32 cotangent by a float32 copy of the frozen kernel (an fp32 matmul plus a convert of
+  every kernel, each step, in every bf16 backward pass; bench/RESULTS.md)."""
+  lhs, rhs = residuals
+  kw = dict(dimension_numbers=dimension_numbers, precision=precision, preferred_element_type=jnp.float32,
+            out_sharding=None)
+  return _dot_rules._dot_general_transpose_lhs(g, lhs, rhs, **kw), _dot_rules._dot_general_transpose_rhs(g, lhs, rhs,
+                                                                                                        **kw)
+
+
+_accumulate.defvjp(_accumulate_fwd, _accumulate_bwd)
 
 
 def dot_general(dtype) -> Callable[..., jax.Array]:
@@ -34,6 +66,16 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, dtype) -> jax.Array:
   """jnp.einsum of `a` and `b` cast to `dtype`, accumulated and returned in float32 (cast it back where the model
   continues in `dtype`)."""
   return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def attend(embed: nn.Embed, query: jax.Array) -> jax.Array:
+  """`embed.attend(query)` (query @ table.T, a tied output head), accumulated in float32 when `embed` computes below
+  float32: flax's attend multiplies bf16 x bf16 -> bf16, which XLA:CPU runs as a float32 matmul after converting
+  the whole (vocab, hidden) table every step, the slowest op of a bf16 LM step (bench/RESULTS.md)."""
+  if jnp.dtype(embed.dtype).itemsize >= 4:
+    return embed.attend(query)
+  query, table = query.astype(embed.dtype), embed.embedding.astype(embed.dtype)
+  return accumulating_dot_general(query, table, (((query.ndim - 1,), (1,)), ((), ())))
 
 
 class RMSNorm(nn.Module):

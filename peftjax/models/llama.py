@@ -489,7 +489,7 @@ class LlamaForCausalLM(nn.Module):
   def logits(self, hidden):
     """The output head: hidden @ embed_tokens.T (tied) or lm_head."""
     if self.config.tie_word_embeddings:
-      return self.model.embed_tokens.attend(hidden)
+      return layers.attend(self.model.embed_tokens, hidden)
     return self.lm_head(hidden)
 
   def __call__(self, input_ids=None, attention_mask=None, position_ids=None, deterministic: bool = True,

@@ -390,7 +390,7 @@ class T5ForConditionalGeneration(nn.Module):
     if self.config.scale_decoder_outputs:
       decoder_hidden_states = decoder_hidden_states * self.config.d_model ** -0.5
     if self.config.tie_word_embeddings:
-      return self.shared.attend(decoder_hidden_states)
+      return layers.attend(self.shared, decoder_hidden_states)
     return self.lm_head(decoder_hidden_states)
 
   def decode(self, decoder_input_ids, encoder_hidden_states, attention_mask, decoder_attention_mask=None,
