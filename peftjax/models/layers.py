@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import string
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax._src.lax import lax as _dot_rules  # dot_general's VJP rules (jax has no public name for them)
 
 from peftjax.models import hf_io
 
@@ -42,15 +42,40 @@ def _accumulate_fwd(lhs, rhs, dimension_numbers, precision):
   return _accumulate(lhs, rhs, dimension_numbers, precision), (lhs, rhs)
 
 
+def _einsum_specs(dimension_numbers, lhs_ndim: int, rhs_ndim: int) -> tuple[str, str, str]:
+  """The einsum subscripts (lhs, rhs, out) of a dot_general: out is batch, lhs free, rhs free axes, in order."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  letters = iter(string.ascii_letters)
+  lhs, rhs = [""] * lhs_ndim, [""] * rhs_ndim
+  for a, b in [*zip(lhs_batch, rhs_batch), *zip(lhs_contract, rhs_contract)]:
+    lhs[a] = rhs[b] = next(letters)
+  for axes in (lhs, rhs):
+    for i, letter in enumerate(axes):
+      axes[i] = letter or next(letters)
+  free = lambda axes, used: [x for i, x in enumerate(axes) if i not in used]  # noqa: E731
+  out = ([lhs[a] for a in lhs_batch] + free(lhs, {*lhs_batch, *lhs_contract})
+         + free(rhs, {*rhs_batch, *rhs_contract}))
+  return "".join(lhs), "".join(rhs), "".join(out)
+
+
+def _transposed_product(a_spec: str, b_spec: str, target: str, a, b, precision, dtype):
+  """einsum(a, b -> target) accumulated in float32, returned in `dtype`: computed in dot_general's own output
+  order (shared, a's free, b's free axes), then transposed (XLA:CPU has no bf16 x bf16 -> f32 dot for some
+  output orders)."""
+  natural = "".join(x for x in a_spec if x in b_spec and x in target) + "".join(
+      x for x in a_spec if x not in b_spec) + "".join(x for x in b_spec if x not in a_spec)
+  out = jnp.einsum(f"{a_spec},{b_spec}->{natural}", a, b, precision=precision, preferred_element_type=jnp.float32)
+  return jnp.transpose(out, [natural.index(x) for x in target]).astype(dtype)
+
+
 def _accumulate_bwd(dimension_numbers, precision, residuals, g):
-  """lax.dot_general's own transposes, fed the output cotangent in lhs's dtype: JAX's rule for the float32 output
-  above would multiply a float32 cotangent by a float32 copy of the frozen kernel (an fp32 matmul plus a convert of
-  every kernel, each step, in every bf16 backward pass; bench/RESULTS.md)."""
+  """Both transposes as matmuls of the output cotangent in lhs's dtype, accumulated in float32: JAX's own rule
+  for the float32 output above would multiply a float32 cotangent by a float32 copy of the frozen kernel (an fp32
+  matmul plus a convert of every kernel, each step, in every bf16 backward pass; bench/RESULTS.md)."""
   lhs, rhs = residuals
-  kw = dict(dimension_numbers=dimension_numbers, precision=precision, preferred_element_type=jnp.float32,
-            out_sharding=None)
-  return _dot_rules._dot_general_transpose_lhs(g, lhs, rhs, **kw), _dot_rules._dot_general_transpose_rhs(g, lhs, rhs,
-                                                                                                        **kw)
+  lhs_spec, rhs_spec, out_spec = _einsum_specs(dimension_numbers, lhs.ndim, rhs.ndim)
+  return (_transposed_product(out_spec, rhs_spec, lhs_spec, g, rhs, precision, lhs.dtype),
+          _transposed_product(lhs_spec, out_spec, rhs_spec, lhs, g, precision, rhs.dtype))
 
 
 _accumulate.defvjp(_accumulate_fwd, _accumulate_bwd)
