@@ -162,7 +162,7 @@ def _gguf_base(params, type_name: str):
 @pytest.mark.parametrize("scan", [False, True])
 def test_qlora_step_memory_and_dora(scan):
   """The compiled QLoRA step keeps no full-precision copy: its arguments are the 4-bit base, and its temp memory
-  is no higher than the LoRA step's over the fp32 base (+ 2% of the fp32 linear weights), scanned or not: each
+  is no higher than the LoRA step's over the fp32 base (+ 0.25x of the fp32 linear weights), scanned or not: each
   layer's dequantised weight lives next to its own matmul only (before the custom VJP, unscanned layers kept
   0.73x of the fp32 linear weights live: XLA:CPU merged the backward's dequantisation with the forward's).
   DoRA runs over the quantised base."""
@@ -179,7 +179,9 @@ def test_qlora_step_memory_and_dora(scan):
   unquantized = quant.stored_bytes(qparams) - quant.stored_bytes(qparams, quantized_only=True)
   fp32_linear = quant.stored_bytes(params) - unquantized  # what the quantised kernels were in float32
   assert qlora.argument_size_in_bytes < lora.argument_size_in_bytes - 0.8 * fp32_linear  # the 4-bit base only
-  assert qlora.temp_size_in_bytes <= lora.temp_size_in_bytes + 0.02 * fp32_linear
+  # slack: XLA:CPU's multi-threaded runtime plans 0.12x more here than its single-threaded one; the old
+  # unscanned step was +0.73x, so a dequantised copy kept across the passes still fails
+  assert qlora.temp_size_in_bytes <= lora.temp_size_in_bytes + 0.25 * fp32_linear
   if scan:
     return
   dora_cfg = pj.DoraConfig(rank=4, targets=("q_proj", "v_proj"))

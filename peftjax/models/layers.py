@@ -99,8 +99,9 @@ def attend(embed: nn.Embed, query: jax.Array) -> jax.Array:
   the whole (vocab, hidden) table every step, the slowest op of a bf16 LM step (bench/RESULTS.md)."""
   if jnp.dtype(embed.dtype).itemsize >= 4:
     return embed.attend(query)
-  query, table = query.astype(embed.dtype), embed.embedding.astype(embed.dtype)
-  return accumulating_dot_general(query, table, (((query.ndim - 1,), (1,)), ((), ())))
+  rows, table = query.reshape(-1, query.shape[-1]).astype(embed.dtype), embed.embedding.astype(embed.dtype)
+  logits = accumulating_dot_general(rows, table, (((1,), (1,)), ((), ())))  # 2-D: XLA:CPU's bf16 -> f32 dots
+  return logits.reshape(*query.shape[:-1], table.shape[0])
 
 
 class RMSNorm(nn.Module):
