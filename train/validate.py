@@ -190,11 +190,6 @@ def check_multitask(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.sweep cannot be used with config.multitask (a sweep trains every member on one "
                      "dataset); remove one of the two sections.")
   task = tasks.family(config).task
-  if task.kind == "sequence_classification":
-    raise ValueError(f"config.multitask needs tasks that share the model's output layer (a causal LM or T5 "
-                     f"text-to-text), but config.family={config.family!r} with config.task_type="
-                     f"{config.get('task_type', '')!r} trains a sequence classifier, whose new head each task would "
-                     "need its own copy of (not supported); use a causal LM or T5 family.")
   for i, spec in enumerate(specs):
     try:
       data_files.check_task(task.kind, spec)
@@ -223,9 +218,6 @@ def check_multitask(config: ml_collections.ConfigDict) -> None:
   if config.method != "lora":
     raise ValueError(f"config.method={config.method!r} cannot be used with config.multitask, which trains one LoRA "
                      "adapter per task; set it to 'lora'.")
-  if config.get("modules_to_save"):
-    raise ValueError(f"config.modules_to_save={config.modules_to_save!r} cannot be used with config.multitask, "
-                     "whose tasks train LoRA adapters only; set it to ''.")
   if config.lora.dropout:
     raise ValueError(f"config.lora.dropout={config.lora.dropout} cannot be used with config.multitask, which trains "
                      "without LoRA dropout; set it to 0.")
