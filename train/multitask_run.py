@@ -15,14 +15,15 @@ so task k's adapter trains exactly as a separate `python -m train` run on task k
 learning rate, rank and alpha (and no dropout) would; a small dataset simply starts its next epoch sooner.  Task
 k's loss is its rows' summed cross-entropy over their number of labels.  Each adapter starts from the seed
 config.seed, as a single run's does, and has its own optimizer state and the run's schedule scaled to its peak
-learning rate.  The model runs without dropout.  Held-out metrics are each task's own (loss, perplexity); T5's
-exact match (which generates) is not computed.
+learning rate.  The model runs without dropout.  Held-out metrics are each task's own (loss, and perplexity or a
+classifier's accuracy); T5's exact match (which generates) is not computed.
 
 Writes, in config.workdir: run.json, tensorboard/ (train/<task>/loss, .../learning_rate, eval/<task>/<metric>),
 tasks/<task>/ (a Hugging Face PEFT folder per task, with its own modules_to_save weights), base/ for a random
-model, the table (task, data, settings, trainable parameters, training loss, held-out metrics) as multitask.md, .csv and .json, and checkpoints/<step>/
-(Orbax: every adapter and optimizer state, and each task's data position): rerunning the command resumes an
-unfinished run (Ctrl-C / SIGTERM save the current step first); a finished one says so and rewrites nothing.
+model, the table (task, data, settings, trainable parameters, training loss, held-out metrics) as multitask.md,
+.csv and .json, and checkpoints/<step>/ (Orbax: every adapter, head copy and optimizer state, and each task's data
+position): rerunning the command resumes an unfinished run (Ctrl-C / SIGTERM save the current step first); a
+finished one says so and rewrites nothing.
 """
 
 from __future__ import annotations
