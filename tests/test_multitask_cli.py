@@ -262,6 +262,8 @@ def test_classifier_tasks_with_other_label_counts_are_named(tmp_path):
     ({"batch_size": 5}, "config.batch_size=5 must be a multiple of the 2 tasks"),
     ({"packing": True}, "config.packing=True cannot be used with config.multitask"),
     ({"lora.dropout": 0.1}, "config.lora.dropout=0.1 cannot be used with config.multitask"),
+    ({"modules_to_save": "lm_head"}, "config.modules_to_save='lm_head' cannot be used with config.multitask on a "
+                                     "causal_lm model"),
 ])
 def test_bad_multitask_configs_are_refused_in_one_sentence(tmp_path, overrides, words):
   config = multitask_config(tmp_path, "news.csv", **overrides)

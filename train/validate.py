@@ -195,6 +195,10 @@ def check_multitask(config: ml_collections.ConfigDict) -> None:
       data_files.check_task(task.kind, spec)
     except ValueError as e:
       raise ValueError(str(e).replace("config.task=", f"config.multitask.tasks[{i}]=", 1)) from None
+  if config.get("modules_to_save") and task.kind != "sequence_classification":
+    raise ValueError(f"config.modules_to_save={config.modules_to_save!r} cannot be used with config.multitask on a "
+                     f"{task.kind} model, whose tasks share its output layer (each row would gather its own copy of "
+                     "the module); it is for a classifier's new head; set it to ''.")
   k = len(specs)
   for key in ("data", "learning_rate", "rank", "alpha"):
     values = section.get(key, ())
