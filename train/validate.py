@@ -190,16 +190,15 @@ def check_multitask(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.sweep cannot be used with config.multitask (a sweep trains every member on one "
                      "dataset); remove one of the two sections.")
   task = tasks.family(config).task
-  if task.kind == "sequence_classification":
-    raise ValueError(f"config.multitask needs tasks that share the model's output layer (a causal LM or T5 "
-                     f"text-to-text), but config.family={config.family!r} with config.task_type="
-                     f"{config.get('task_type', '')!r} trains a sequence classifier, whose new head each task would "
-                     "need its own copy of (not supported); use a causal LM or T5 family.")
   for i, spec in enumerate(specs):
     try:
       data_files.check_task(task.kind, spec)
     except ValueError as e:
       raise ValueError(str(e).replace("config.task=", f"config.multitask.tasks[{i}]=", 1)) from None
+  if config.get("modules_to_save") and task.kind != "sequence_classification":
+    raise ValueError(f"config.modules_to_save={config.modules_to_save!r} cannot be used with config.multitask on a "
+                     f"{task.kind} model, whose tasks share its output layer (each row would gather its own copy of "
+                     "the module); it is for a classifier's new head; set it to ''.")
   k = len(specs)
   for key in ("data", "learning_rate", "rank", "alpha"):
     values = section.get(key, ())
@@ -223,9 +222,6 @@ def check_multitask(config: ml_collections.ConfigDict) -> None:
   if config.method != "lora":
     raise ValueError(f"config.method={config.method!r} cannot be used with config.multitask, which trains one LoRA "
                      "adapter per task; set it to 'lora'.")
-  if config.get("modules_to_save"):
-    raise ValueError(f"config.modules_to_save={config.modules_to_save!r} cannot be used with config.multitask, "
-                     "whose tasks train LoRA adapters only; set it to ''.")
   if config.lora.dropout:
     raise ValueError(f"config.lora.dropout={config.lora.dropout} cannot be used with config.multitask, which trains "
                      "without LoRA dropout; set it to 0.")
