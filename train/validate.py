@@ -149,26 +149,31 @@ def check_sweep(config: ml_collections.ConfigDict) -> None:
   if config.method != "lora":
     raise ValueError(f"config.method={config.method!r} cannot be swept: config.sweep trains LoRA members, so set it "
                      "to 'lora'.")
+  _check_stacked_lora(config, "config.sweep", "members")
+
+
+def _check_stacked_lora(config: ml_collections.ConfigDict, section: str, units: str) -> None:
+  """The refusals that config.sweep and config.multitask share (`section` names it, `units` its LoRA adapters):
+  they train stacked LoRA adapters on modules, without dropout, over an unquantised base on one device."""
   if config.lora.dropout:
-    raise ValueError(f"config.lora.dropout={config.lora.dropout} cannot be used with config.sweep, which trains "
+    raise ValueError(f"config.lora.dropout={config.lora.dropout} cannot be used with {section}, which trains "
                      "without LoRA dropout; set it to 0.")
   if config.lora.get("target_parameters"):
     raise ValueError(f"config.lora.target_parameters={config.lora.target_parameters!r} cannot be used with "
-                     "config.sweep, whose members are LoRA on modules only; set it to ''.")
+                     f"{section}, whose {units} are LoRA on modules only; set it to ''.")
   for key, off, what in SWEEP_REFUSED:
     if config.get(key):
-      raise ValueError(f"config.{key}={config[key]!r} cannot be used with config.sweep (it {what}); set it to {off!r}.")
+      raise ValueError(f"config.{key}={config[key]!r} cannot be used with {section} (it {what}); set it to {off!r}.")
   if quantize.quant_config(config) is not None:
-    raise ValueError("config.quant quantises the base, which config.sweep does not support; set config.quant.kind="
-                     "'none'.")
+    raise ValueError(f"config.quant quantises the base, which {section} does not support; set "
+                     "config.quant.kind='none'.")
   scale = loop.scale_settings(config)
   if (scale.micro_batches != 1 or scale.num_processes > 1 or scale.coordinator_address
       or scale.frozen_dtype != "float32"):
-    raise ValueError(f"config.sweep runs on one device without micro-batches, with float32 frozen weights, but "
+    raise ValueError(f"{section} runs on one device without micro-batches, with float32 frozen weights, but "
                      f"config.scale has micro_batches={scale.micro_batches}, num_processes={scale.num_processes}, "
                      f"coordinator_address={scale.coordinator_address!r}, frozen_dtype={scale.frozen_dtype!r}; set "
                      "them to 1, 0, '' and 'float32'.")
-
 
 # config.multitask: tasks (two or more task specs), and per task (a list of one entry per task, or () for the
 # run's own value): data (config.data keys overriding the run's), learning_rate, rank, alpha (`train.multitask_run`).
@@ -222,27 +227,7 @@ def check_multitask(config: ml_collections.ConfigDict) -> None:
   if config.method != "lora":
     raise ValueError(f"config.method={config.method!r} cannot be used with config.multitask, which trains one LoRA "
                      "adapter per task; set it to 'lora'.")
-  if config.lora.dropout:
-    raise ValueError(f"config.lora.dropout={config.lora.dropout} cannot be used with config.multitask, which trains "
-                     "without LoRA dropout; set it to 0.")
-  if config.lora.get("target_parameters"):
-    raise ValueError(f"config.lora.target_parameters={config.lora.target_parameters!r} cannot be used with "
-                     "config.multitask, whose adapters are LoRA on modules only; set it to ''.")
-  for key, off, what in SWEEP_REFUSED:
-    if config.get(key):
-      raise ValueError(f"config.{key}={config[key]!r} cannot be used with config.multitask (it {what}); set it to "
-                       f"{off!r}.")
-  if quantize.quant_config(config) is not None:
-    raise ValueError("config.quant quantises the base, which config.multitask does not support; set "
-                     "config.quant.kind='none'.")
-  scale = loop.scale_settings(config)
-  if (scale.micro_batches != 1 or scale.num_processes > 1 or scale.coordinator_address
-      or scale.frozen_dtype != "float32"):
-    raise ValueError(f"config.multitask runs on one device without micro-batches, with float32 frozen weights, but "
-                     f"config.scale has micro_batches={scale.micro_batches}, num_processes={scale.num_processes}, "
-                     f"coordinator_address={scale.coordinator_address!r}, frozen_dtype={scale.frozen_dtype!r}; set "
-                     "them to 1, 0, '' and 'float32'.")
-
+  _check_stacked_lora(config, "config.multitask", "adapters")
 
 def location(key: str, spec: str) -> str:
   """The local path of config.<key> (`spec`: asset, path or hub id, downloaded when online), or a ValueError
