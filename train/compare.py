@@ -127,7 +127,9 @@ def _finished(config: ml_collections.ConfigDict) -> dict | None:
 
 def run_seeds(config: ml_collections.ConfigDict, method: str, spec: dict, progress) -> list:
   """One method's runs over config.compare.seeds, one after another: each seed's record, or its error sentence.
-  (A sweep that trains every seed in one step replaces this loop.)"""
+
+  Not one sweep step (`train.sweep_run`): a comparison seed sets everything random (data order, head, dropout), while
+  sweep members share the data order and train without dropout, so a sweep would measure another method's spread."""
   outcome = []
   for index, seed in enumerate(config.compare.seeds):
     run = run_config(config, method, seed)
