@@ -136,18 +136,21 @@ def plot(outcomes: dict[str, list], rows: list[dict], metric: str, higher: bool)
   matplotlib.use("Agg")
   from matplotlib import pyplot  # noqa: PLC0415
   figure, (losses, evals, bars) = pyplot.subplots(1, 3, figsize=(PNG_SIZE[0] / DPI, PNG_SIZE[1] / DPI), dpi=DPI)
-  for method, outcome in outcomes.items():
+  colours = pyplot.get_cmap("tab20").colors  # 20 colours, and a second line style past them: every method its own
+  for i, (method, outcome) in enumerate(outcomes.items()):
     records = [r for r in outcome if isinstance(r, dict)]
+    style = {"color": colours[i % len(colours)], "linestyle": "-" if i < len(colours) else "--", "label": method}
     if records:
-      losses.plot(*_curve(records, "train/loss"), label=method)
-      evals.plot(*_curve(records, f"eval/{metric}"), marker="o", label=method)
+      losses.plot(*_curve(records, "train/loss"), **style)
+      evals.plot(*_curve(records, f"eval/{metric}"), marker="o", **style)
   losses.set(title="training loss (mean over seeds)", xlabel="step", ylabel="loss")
   evals.set(title=f"held-out {metric}", xlabel="step", ylabel=metric)
   losses.legend(fontsize=7)
   done = sorted((r for r in rows if "metric_mean" in r), key=lambda r: r["trainable_pct"])
   positions = np.arange(len(done))
   bars.bar(positions, [r["metric_mean"] for r in done], yerr=[r["metric_std"] or 0.0 for r in done], capsize=3)
-  bars.set_xticks(positions, [f"{r['method']}\n{r['trainable_pct']:.3g}%" for r in done], fontsize=7)
+  bars.set_xticks(positions, [f"{r['method']} {r['trainable_pct']:.3g}%" for r in done], fontsize=7, rotation=60,
+                  ha="right")
   bars.set(title=f"held-out {metric} ({'higher' if higher else 'lower'} is better) vs trainable %", ylabel=metric)
   if done and higher:
     low = min(r["metric_mean"] for r in done)
