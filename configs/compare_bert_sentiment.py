@@ -33,8 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.compare = ml_collections.ConfigDict(dict(
       methods="",                  # names separated by commas; "": every method that fits the model, plus full
       seeds=(0, 1, 2),
-      # config.optimizer.learning_rate (1e-3) for the methods not named here.  Prefix tuning keeps 1e-3: its MLP
-      # reparameterisation at 1e-2 ends at chance (eval loss ln 2, 3 seeds), as the plain table (p_tuning_v2) does not.
+      # config.optimizer.learning_rate (1e-3) for the methods not named here.  Prefix tuning keeps 1e-3: through its
+      # MLP reparameterisation 1e-2 ended at chance (eval loss ln 2, 3 seeds); the plain table (p_tuning_v2) trains.
       learning_rates=ml_collections.ConfigDict(dict(
           full=5e-5, ia3=1e-2, bitfit=5e-3, prompt_tuning=3e-2, p_tuning=1e-2, p_tuning_v2=1e-2)),
       forgetting_task="",          # a causal LM's second held-out text; a classifier has none (see train/compare.py)
