@@ -175,6 +175,7 @@ def _check_stacked_lora(config: ml_collections.ConfigDict, section: str, units: 
                      f"coordinator_address={scale.coordinator_address!r}, frozen_dtype={scale.frozen_dtype!r}; set "
                      "them to 1, 0, '' and 'float32'.")
 
+
 # config.multitask: tasks (two or more task specs), and per task (a list of one entry per task, or () for the
 # run's own value): data (config.data keys overriding the run's), learning_rate, rank, alpha (`train.multitask_run`).
 MULTITASK_KEYS = ("tasks", "data", "learning_rate", "rank", "alpha")
@@ -228,6 +229,7 @@ def check_multitask(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.method={config.method!r} cannot be used with config.multitask, which trains one LoRA "
                      "adapter per task; set it to 'lora'.")
   _check_stacked_lora(config, "config.multitask", "adapters")
+
 
 def location(key: str, spec: str) -> str:
   """The local path of config.<key> (`spec`: asset, path or hub id, downloaded when online), or a ValueError
