@@ -44,13 +44,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from peftjax import dropout, tree as ptree
+from peftjax.models import layers
 
 COLLECTION = "bottleneck"
 DOWN, UP = "adapter_down", "adapter_up"
 
 NON_LINEARITIES = {
     "relu": jax.nn.relu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": layers.gelu,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,

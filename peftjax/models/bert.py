@@ -32,7 +32,7 @@ from peftjax.models import hf_io, layers
 from peftjax.models.layers import init_params, logical_axes  # noqa: F401 (this family's)
 
 _ACTIVATIONS = {
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": layers.gelu,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_fast": functools.partial(jax.nn.gelu, approximate=True),

@@ -66,7 +66,7 @@ TASK_SUFFIXES = {"causal_lm": "ForCausalLM", "sequence_classification": "ForSequ
 _ACTIVATIONS = {
     "silu": jax.nn.silu,
     "swish": jax.nn.silu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": layers.gelu,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "gelu_pytorch_tanh": functools.partial(jax.nn.gelu, approximate=True),
     "relu": jax.nn.relu,

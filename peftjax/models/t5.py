@@ -37,7 +37,7 @@ from peftjax.models import hf_io, layers, sampling
 
 _ACTIVATIONS = {
     "relu": jax.nn.relu,
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "gelu": layers.gelu,
     "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
     "silu": jax.nn.silu,
 }
