@@ -21,6 +21,8 @@ import sys
 
 import numpy as np
 
+from lora_zoo import FAMILIES
+
 FLAG_SETS = {  # the table's name of each flag set: its XLA_FLAGS
     "none (YNNPACK dots)": "",
     "--xla_cpu_use_onednn=true": "--xla_cpu_use_onednn=true",
@@ -29,7 +31,12 @@ FLAG_SETS = {  # the table's name of each flag set: its XLA_FLAGS
     "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_xnnpack=false (Eigen dots)":
         "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_use_xnnpack=false",
 }
-HIDDEN, HEADS, FFN = 768, 12, 3072
+BERT_BASE = {**FAMILIES["bert"].hf_config, "num_hidden_layers": 1}  # the four-shape table's bert-base, one layer
+
+
+def _inputs(args) -> np.ndarray:
+  """The layer's input: (batch, seq, hidden) standard normal values, the same on both sides."""
+  return np.random.default_rng(0).standard_normal((args.batch, args.seq, BERT_BASE["hidden_size"]))
 
 
 def _layer_seconds(args) -> float:
@@ -40,10 +47,8 @@ def _layer_seconds(args) -> float:
   from common import median_seconds
   from peftjax.models import bert
 
-  config = bert.BertConfig.from_hf(dict(vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=1,
-                                        num_attention_heads=HEADS, intermediate_size=FFN))
-  layer = bert.BertLayer(config)
-  x = jnp.asarray(np.random.default_rng(0).standard_normal((args.batch, args.seq, HIDDEN)), jnp.float32)
+  layer = bert.BertLayer(bert.BertConfig.from_hf(BERT_BASE))
+  x = jnp.asarray(_inputs(args), jnp.float32)
   mask = jnp.ones((args.batch, 1, 1, args.seq), bool)
   params = layer.init(jax.random.key(0), x, mask, None, True)
   grad = jax.jit(jax.grad(lambda x, params: jnp.sum(layer.apply(params, x, mask, None, True)[0] ** 2)))
@@ -58,14 +63,12 @@ def _torch_layer_seconds(args) -> float:
 
   from common import median_seconds
 
-  config = transformers.BertConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, intermediate_size=FFN,
-                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+  config = transformers.BertConfig(**BERT_BASE, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
                                    attn_implementation="sdpa")
   layer = BertLayer(config).train()
   for p in layer.parameters():
     p.requires_grad_(False)
-  x = torch.tensor(np.random.default_rng(0).standard_normal((args.batch, args.seq, HIDDEN)), dtype=torch.float32,
-                   requires_grad=True)
+  x = torch.tensor(_inputs(args), dtype=torch.float32, requires_grad=True)
 
   def step():
     x.grad = None
@@ -142,7 +145,8 @@ def main() -> None:
   fmt = lambda v: f"{v:.1e}" if isinstance(v, float) else v  # noqa: E731
   for name in FLAG_SETS:
     ms = median(times[name])
-    line = f"{ms * 1e3:.1f} | {ms / torch_s:.2f}x" if ms and torch_s else "failed | -"
+    why = next((v for v in times[name] if isinstance(v, str)), "failed")
+    line = f"{ms * 1e3:.1f} | {ms / torch_s:.2f}x" if ms and torch_s else f"{why} | -"
     print(f"| {name} | {line} | {fmt(checks[name][0])} | {fmt(checks[name][1])} |")
   print(f"| torch BertLayer | {torch_s * 1e3:.1f} | 1.00x | | |" if torch_s else "| torch BertLayer | failed | | | |")
 
